@@ -1,0 +1,141 @@
+"""Multi-head attention: one module for causal self-attention, bidirectional
+self-attention and cross-attention.
+
+Mask convention (the only one in this project)
+----------------------------------------------
+Boolean masks mean **True = may attend**, as in the ``attn_mask`` of
+``torch.nn.functional.scaled_dot_product_attention`` (and the opposite of the
+``key_padding_mask`` of ``nn.MultiheadAttention``). Two masks are combined:
+
+* causal: query ``i`` may attend to key ``j`` only if ``j <= i + (T_k - T_q)``.
+  The triangle is aligned to the bottom right, so ``T_q`` new queries see every
+  earlier key (what a KV cache needs); with ``T_q == T_k`` it is the usual
+  lower triangle.
+* ``key_mask`` of shape ``(B, T_k)``: True for real keys, False for padding.
+
+A query row that may attend to no key at all outputs zeros, on every path.
+
+Attention paths (``attn_impl``)
+-------------------------------
+* ``"naive"``: the reference, written out: scores / sqrt(d_k), masked_fill with
+  -inf, softmax, dropout, @ V. The only path that can return the weights.
+* ``"sdpa"``: ``F.scaled_dot_product_attention``, which picks a fused kernel.
+
+Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_mask(T_q: int, T_k: int, device=None) -> Tensor:
+    """(T_q, T_k) boolean lower triangle aligned to the bottom right."""
+    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=T_k - T_q)
+
+
+def build_mask(T_q: int, T_k: int, causal: bool, key_mask: Tensor | None, device=None) -> Tensor | None:
+    """The combined mask, broadcastable to (B, nh, T_q, T_k), or None when every key is visible."""
+    mask = causal_mask(T_q, T_k, device) if causal else None
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :]  # (B, 1, 1, T_k)
+        mask = keys if mask is None else mask & keys
+    return mask
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0):
+    """Reference attention on (B, nh, T, hs) tensors. Returns (output, weights before dropout)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 under autocast
+    if mask is not None:
+        weights = weights.nan_to_num(0.0)  # a row with no visible key is all -inf: NaN -> 0
+    dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    return dropped @ v, weights  # (B, nh, T_q, hs), (B, nh, T_q, T_k)
+
+
+def _naive_kernel(q, k, v, *, causal, key_mask, dropout_p):
+    mask = build_mask(q.size(-2), k.size(-2), causal, key_mask, q.device)
+    return naive_attention(q, k, v, mask, dropout_p)[0]
+
+
+def _sdpa_kernel(q, k, v, *, causal, key_mask, dropout_p):
+    T_q, T_k = q.size(-2), k.size(-2)
+    if key_mask is None and (not causal or T_q == T_k):
+        # no explicit mask: lets PyTorch pick its flash kernel
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    mask = build_mask(T_q, T_k, causal, key_mask, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# attn_impl -> kernel(q, k, v, *, causal, key_mask, dropout_p) -> (B, nh, T_q, hs)
+ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel}
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention with output projection and dropout.
+
+    Self-attention (``cross=False``): q, k, v come from ``x`` through one fused
+    projection; ``causal=True`` makes it a decoder's causal self-attention.
+    Cross-attention (``cross=True``): q comes from ``x``, k and v from ``context``,
+    a sequence that may have another length (the encoder output).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
+                 attn_impl: str = "sdpa", causal: bool = False, cross: bool = False):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        if attn_impl not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {sorted(ATTENTION_KERNELS)}")
+        self.n_head, self.n_embd = n_head, n_embd
+        self.attn_impl, self.causal, self.cross = attn_impl, causal, cross
+        if cross:
+            self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
+            self.kv_proj = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
+                return_weights: bool = False):
+        """x: (B, T_q, C); context: (B, T_k, C), cross-attention only; key_mask: (B, T_k) bool.
+
+        Returns y (B, T_q, C); with ``return_weights=True``, (y, weights (B, nh, T_q, T_k)),
+        computed through the reference path whatever ``attn_impl`` is.
+        """
+        B, T_q, C = x.shape
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context (the sequence to attend to)")
+            q = self.q_proj(x)
+            k, v = self.kv_proj(context).split(C, dim=2)
+        else:
+            if context is not None:
+                raise ValueError("self-attention takes no context; build the module with cross=True")
+            q, k, v = self.qkv_proj(x).split(C, dim=2)
+        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, k.size(1))):
+            raise ValueError(f"key_mask must be a bool tensor of shape {(B, k.size(1))} (True = real key), "
+                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+        q, k, v = map(self._split_heads, (q, k, v))  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout if self.training else 0.0
+
+        if return_weights:
+            mask = build_mask(T_q, k.size(2), self.causal, key_mask, x.device)
+            y, weights = naive_attention(q, k, v, mask, dropout_p)
+        else:
+            kernel = ATTENTION_KERNELS[self.attn_impl]
+            y = kernel(q, k, v, causal=self.causal, key_mask=key_mask, dropout_p=dropout_p)
+
+        y = y.transpose(1, 2).contiguous().view(B, T_q, C)  # re-assemble the heads side by side
+        y = self.resid_dropout(self.out_proj(y))
+        return (y, weights) if return_weights else y

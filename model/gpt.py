@@ -1,0 +1,121 @@
+"""A decoder-only GPT: token + position embeddings, a stack of pre-LayerNorm
+blocks of causal self-attention and MLP, a final LayerNorm and an LM head tied
+to the token embedding (GPT-2's layout and initialisation)."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import ATTENTION_KERNELS, MultiHeadAttention
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE; the data module sets it from its tokenizer
+    block_size: int = 256  # longest sequence (context length) the model takes
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    attn_impl: str = "sdpa"  # "naive" (reference) or "sdpa" (fused); see model/attention.py
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                             f"each head gets n_embd / n_head dimensions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_impl not in ATTENTION_KERNELS:
+            raise ValueError(f"GPTConfig.attn_impl {self.attn_impl!r} is unknown; "
+                             f"choose one of {sorted(ATTENTION_KERNELS)}")
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU()
+        self.out_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.out_proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    ``config`` needs ``n_embd, n_head, dropout, bias, attn_impl``.
+    """
+
+    def __init__(self, config, causal: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = MultiHeadAttention(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
+                                       attn_impl=config.attn_impl, causal=causal)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config.n_embd, config.dropout, config.bias)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), key_mask=key_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embedding (the token embedding
+        counts, as it is also the LM head)."""
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore).
+
+        Returns logits (B, T, vocab_size) and the mean cross-entropy (None without targets).
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}; "
+                             f"crop the input to the last {self.config.block_size} tokens")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
+        return logits, loss
