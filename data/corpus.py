@@ -1,0 +1,275 @@
+"""Turn a text source into flat arrays of token ids on disk, once.
+
+A source is a local file, glob or folder of ``.txt``, ``.txt.gz``, ``.jsonl``,
+``.jsonl.gz`` or ``.parquet`` files, or a dataset id on the Hugging Face hub
+(``owner/name``). It is read with ``datasets``, tokenized with ``Dataset.map``
+and written as ``train.bin`` / ``val.bin`` (uint16 where the vocabulary fits)
+in a cache folder keyed by source + tokenizer, so a second run starts at once.
+
+Splits: the source's own train and validation splits if it has them (files
+named ``train*`` and ``val*``/``valid*``/``dev*``, or the hub dataset's
+splits), else the first 90% of the tokens for training and the last 10% for
+validation (the published Tiny Shakespeare convention).
+
+Text files are read line by line with line breaks kept, so their tokens are
+those of the whole text; rows of JSONL / parquet / hub datasets are documents,
+separated by the tokenizer's end-of-text token when it has one. The
+character vocabulary is built from the training split (from the whole source
+when it has no validation split of its own, as nanoGPT does).
+"""
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+
+from .tokenizers import CharTokenizer, GPT2Tokenizer, check_tokenizer_name, tokenizer_from_dict
+
+CACHE_VERSION = 1
+FORMATS = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used, with a message that says why and what to do."""
+
+
+@dataclass
+class TokenizedCorpus:
+    """Token arrays of the train and val splits in ``folder``, and the tokenizer that made them."""
+
+    folder: Path
+    tokenizer: object
+    dtype: str
+    num_tokens: dict
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MINIGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "minigpt"
+    return Path(root).expanduser() / "tokens"
+
+
+def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "text", val_fraction: float = 0.1,
+                   cache_dir: str | os.PathLike | None = None, num_proc: int | None = None) -> TokenizedCorpus:
+    """Tokenize ``source`` into the cache (or find it there) and return the corpus."""
+    check_tokenizer_name(tokenizer)
+    if not 0.0 < val_fraction < 1.0:
+        raise DataSourceError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    files = find_local_files(source)
+    identity = {"version": CACHE_VERSION, "tokenizer": tokenizer, "text_column": text_column,
+                "val_fraction": val_fraction,
+                "source": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+                if files else source}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    name = Path(files[0]).name.split(".")[0] if files else source.replace("/", "--")
+    folder = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}-{digest}"
+    if not (folder / "meta.json").exists():
+        if files:
+            raw, join_lines = load_local(files), FORMATS[_suffix(files[0])] == "text"
+        else:
+            raw, join_lines = load_hub(source), False
+        rank_zero_info(f"Tokenizing {source!r} with the {tokenizer} tokenizer into {folder}")
+        _write_corpus(raw, tokenizer, text_column, val_fraction, join_lines, folder, num_proc)
+    meta = json.loads((folder / "meta.json").read_text())
+    return TokenizedCorpus(folder, tokenizer_from_dict(meta["tokenizer"]), meta["dtype"], meta["num_tokens"])
+
+
+# ---------------------------------------------------------------- finding and loading the source
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((ext for ext in FORMATS if name.endswith(ext)), None)
+
+
+def find_local_files(source: str) -> list[Path] | None:
+    """The local files of ``source``, or None when it is not local and looks like a hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+        if not files:
+            raise DataSourceError(f"folder {source!r} holds no {'/'.join(FORMATS)} files")
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            if HUB_ID.match(source) and not _suffix(path):
+                return None
+            raise DataSourceError(f"data source {source!r}: no such file, folder or glob match. Pass a local "
+                                  f"{'/'.join(FORMATS)} file, a folder or glob of them, or a hub dataset id "
+                                  f"(owner/name), e.g. --data.source path/to/input.txt")
+    unsupported = [str(f) for f in files if not _suffix(f)]
+    if unsupported:
+        raise DataSourceError(f"unsupported file type: {unsupported[:3]}; use {'/'.join(FORMATS)} files")
+    if len({FORMATS[_suffix(f)] for f in files}) > 1:
+        raise DataSourceError(f"data source {source!r} mixes file formats; give files of one format")
+    return files
+
+
+def _split_of(path: Path) -> str | None:
+    stem = path.name.split(".")[0].lower()
+    if stem.startswith("train"):
+        return "train"
+    if stem.startswith(VAL_SPLIT_NAMES):
+        return "val"
+    return None
+
+
+def load_local(files: list[Path]):
+    """A DatasetDict with "train" and, when the files name their splits, "val"."""
+    from datasets import load_dataset
+
+    by_split = {"train": [f for f in files if _split_of(f) == "train"],
+                "val": [f for f in files if _split_of(f) == "val"]}
+    if not (by_split["train"] and by_split["val"]):
+        by_split = {"train": files}
+    else:
+        ignored = [f.name for f in files if _split_of(f) is None]
+        if ignored:
+            rank_zero_info(f"Using the train*/val* files as splits; ignoring {ignored}")
+    if all(f.stat().st_size == 0 for f in files):
+        raise DataSourceError(f"{[str(f) for f in files][:3]} {'is' if len(files) == 1 else 'are'} empty: "
+                              f"there is no text to train on")
+    builder = FORMATS[_suffix(files[0])]
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+    data_files = {split: [str(f) for f in fs] for split, fs in by_split.items()}
+    try:
+        return load_dataset(builder, data_files=data_files, **kwargs)
+    except Exception as e:  # datasets wraps decoding errors several levels deep
+        cause = e.__cause__ or e
+        raise DataSourceError(f"could not read {[str(f) for f in files][:3]} as {builder} data: "
+                              f"{type(cause).__name__}: {cause}. Text files must be UTF-8.") from e
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
+    import huggingface_hub
+
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub(dataset_id: str):
+    """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
+
+    Offline and not cached, fails at once (instead of ~20 s of retries)."""
+    from datasets import load_dataset
+
+    with contextlib.suppress(Exception), _hub_offline():
+        return _hub_splits(load_dataset(dataset_id), dataset_id)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
+            or not hub_reachable():
+        raise DataSourceError(
+            f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub cannot be reached "
+            f"(offline). Pass a local file, folder or glob instead, e.g. --data.source path/to/input.txt "
+            f"(Tiny Shakespeare is {TINY_SHAKESPEARE_URL}).")
+    try:
+        return _hub_splits(load_dataset(dataset_id), dataset_id)
+    except Exception as e:
+        raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: {e}. "
+                              f"Download its text and pass the local file with --data.source instead.") from e
+
+
+def _hub_splits(ds, dataset_id: str):
+    from datasets import DatasetDict
+
+    if "train" not in ds:
+        raise DataSourceError(f"hub dataset {dataset_id!r} has no 'train' split (it has {list(ds)})")
+    val = next((s for s in VAL_SPLIT_NAMES if s in ds), None)
+    return DatasetDict({"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]})
+
+
+# ---------------------------------------------------------------- tokenizing into the cache
+
+def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, folder: Path, num_proc):
+    if text_column not in raw["train"].column_names:
+        raise DataSourceError(f"the data has no {text_column!r} column (it has {raw['train'].column_names}); "
+                              f"set --data.text_column")
+    if tokenizer_name == "char":
+        tokenizer = CharTokenizer.from_texts(
+            t or "" for batch in raw["train"].iter(batch_size=10_000) for t in batch[text_column])
+    else:
+        tokenizer = GPT2Tokenizer()
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
+    try:
+        num_tokens = {split: _tokenize_split(raw[split], split, tokenizer, text_column, join_lines, dtype,
+                                             work, num_proc) for split in raw}
+        if "val" not in raw:  # no validation split of its own: the last val_fraction of the tokens
+            n = num_tokens["train"]
+            n_train = int(n * (1 - val_fraction))
+            np.memmap(work / "train.bin", dtype=dtype, mode="r")[n_train:].tofile(work / "val.bin")
+            os.truncate(work / "train.bin", n_train * np.dtype(dtype).itemsize)
+            num_tokens = {"train": n_train, "val": n - n_train}
+        meta = {"tokenizer": tokenizer.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens}
+        (work / "meta.json").write_text(json.dumps(meta))
+        for leftover in work.glob("*.arrow"):
+            leftover.unlink()
+        try:
+            work.rename(folder)  # atomic: a reader sees the whole folder or none of it
+        except OSError:
+            if not (folder / "meta.json").exists():  # not another process that finished first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokenize_split(ds, split, tokenizer, text_column, join_lines, dtype, work: Path, num_proc) -> int:
+    eot = tokenizer.eot_token
+
+    def encode(batch):
+        texts = [t or "" for t in batch[text_column]]
+        if join_lines:  # lines of a text file: encode them together, as the text they are
+            return {"ids": [tokenizer.encode("".join(texts))]}
+        ids = tokenizer.encode_batch(texts)
+        return {"ids": [x + [eot] for x in ids] if eot is not None else ids}
+
+    try:
+        tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                           num_proc=num_proc, cache_file_name=str(work / f"{split}.arrow"),
+                           new_fingerprint=f"{work.name}-{split}", desc=f"tokenizing {split}")
+    except ValueError as e:
+        raise DataSourceError(f"{split} split: {e}") from None
+    n = 0
+    with open(work / f"{split}.bin", "wb") as f:
+        for chunk in tokenized.data.column("ids").chunks:  # streamed: never the whole split in Python
+            ids = chunk.flatten().to_numpy().astype(dtype)
+            f.write(ids.tobytes())
+            n += len(ids)
+    return n

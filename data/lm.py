@@ -1,0 +1,127 @@
+"""Lightning DataModule for language modelling on a tokenized corpus.
+
+Training batches are random windows of ``block_size + 1`` tokens (x = window[:-1],
+y = window[1:]), drawn endlessly, as nanoGPT does; each process (DDP rank,
+loader worker) draws from its own random stream. Validation batches are the
+split cut into consecutive windows, in a fixed shuffled order, so every
+evaluation sees the same batches and ``limit_val_batches`` takes a spread-out
+sample of the split rather than its beginning.
+"""
+
+import math
+from functools import cached_property
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .corpus import DataSourceError, TokenizedCorpus, prepare_corpus
+from .tokenizers import check_tokenizer_name
+
+
+def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(windows.astype(np.int64))  # (B, block_size + 1)
+    return w[:, :-1], w[:, 1:]
+
+
+class RandomWindows(IterableDataset):
+    """Endless batches of ``batch_size`` random windows; one random stream per (seed, rank, worker)."""
+
+    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0):
+        self.corpus, self.split = corpus, split
+        self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
+
+    def __iter__(self):
+        tokens = self.corpus.tokens(self.split)  # memory-mapped, opened in the worker
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0])
+        span = np.arange(self.block_size + 1)
+        while True:
+            starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+            yield _windows_to_xy(tokens[starts[:, None] + span])
+
+
+class FixedWindows(Dataset):
+    """The split as consecutive windows (each token is a target once), batched in a fixed shuffled order."""
+
+    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int):
+        self.corpus, self.split, self.block_size, self.batch_size = corpus, split, block_size, batch_size
+        num_windows = (corpus.num_tokens[split] - 1) // block_size
+        self.starts = np.random.default_rng(seed).permutation(num_windows) * block_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.starts) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        starts = self.starts[i * self.batch_size:(i + 1) * self.batch_size]
+        tokens = self.corpus.tokens(self.split)
+        return _windows_to_xy(tokens[starts[:, None] + np.arange(self.block_size + 1)])
+
+
+class LMDataModule(L.LightningDataModule):
+    """Language-modelling data from a local file/glob/folder or a hub dataset id.
+
+    Args:
+        source: a ``.txt``/``.txt.gz``/``.jsonl``/``.parquet`` file, glob or folder, or a hub id.
+        tokenizer: ``"char"`` or ``"gpt2"``.
+        block_size: tokens per training example (the model's context length).
+        batch_size: examples per batch (per process).
+        text_column: column holding the text in JSONL/parquet/hub data.
+        val_fraction: share of the tokens held out for validation when the source has no val split.
+        cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``).
+        num_proc: processes for tokenizing (``datasets.map``); None tokenizes in this process.
+        num_workers: DataLoader workers.
+        seed: seed of the training windows and the order of the validation windows.
+    """
+
+    def __init__(self, source: str = "karpathy/tiny_shakespeare", tokenizer: str = "char", block_size: int = 256,
+                 batch_size: int = 64, text_column: str = "text", val_fraction: float = 0.1,
+                 cache_dir: str | None = None, num_proc: int | None = None, num_workers: int = 0,
+                 seed: int = 1337):
+        super().__init__()
+        check_tokenizer_name(tokenizer)
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and {batch_size}")
+        self.save_hyperparameters()
+
+    @cached_property
+    def corpus(self) -> TokenizedCorpus:
+        """Tokenizes the source on first use (or finds it in the cache)."""
+        hp = self.hparams
+        return prepare_corpus(hp.source, hp.tokenizer, text_column=hp.text_column, val_fraction=hp.val_fraction,
+                              cache_dir=hp.cache_dir, num_proc=hp.num_proc)
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def prepare_data(self):
+        self.corpus  # noqa: B018  (tokenize once, before the processes of a distributed run start)
+
+    def setup(self, stage: str):
+        need = self.hparams.block_size + 1
+        for split, n in self.corpus.num_tokens.items():
+            if n < need:
+                raise DataSourceError(f"the {split} split of {self.hparams.source!r} has {n} tokens, fewer than "
+                                      f"block_size + 1 = {need}; use a smaller --data.block_size or more text")
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size, hp.seed, rank))
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return self._loader(FixedWindows(self.corpus, "val", hp.block_size, hp.batch_size, hp.seed))
