@@ -1,0 +1,201 @@
+"""Corpus preparation (sources, splits, cache) and the language-modelling data module."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data import DataSourceError, LMDataModule, prepare_corpus
+from data import corpus as corpus_module
+
+
+def all_tokens(corpus) -> np.ndarray:
+    return np.concatenate([corpus.tokens("train"), corpus.tokens("val")])
+
+
+def test_single_text_file_splits_90_10_and_keeps_every_character(text_file, cache_dir):
+    text = text_file.read_text()
+    corpus = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)
+    n = len(text)
+    assert corpus.num_tokens == {"train": int(n * 0.9), "val": n - int(n * 0.9)}
+    assert corpus.dtype == "uint16"
+    assert corpus.tokenizer.decode(all_tokens(corpus).tolist()) == text  # line breaks and all
+    assert corpus.tokenizer.decode(corpus.tokens("val").tolist()) == text[int(n * 0.9):]
+
+
+def test_gpt2_tokens_equal_encoding_the_whole_text(text_file, cache_dir):
+    corpus = prepare_corpus(str(text_file), "gpt2", cache_dir=cache_dir)
+    assert all_tokens(corpus).tolist() == corpus.tokenizer.encode(text_file.read_text())
+
+
+def test_second_run_reads_the_cache_and_a_changed_file_is_retokenized(text_file, cache_dir, monkeypatch):
+    first = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the source was read again despite the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus_module, "load_local", no_loading)
+        again = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)
+    assert again.folder == first.folder
+    assert np.array_equal(all_tokens(again), all_tokens(first))
+
+    text_file.write_text(text_file.read_text() + "A new line.\n")
+    os.utime(text_file, ns=(0, 10**18))  # a new mtime even on coarse clocks
+    changed = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)
+    assert changed.folder != first.folder
+    assert sum(changed.num_tokens.values()) == sum(first.num_tokens.values()) + len("A new line.\n")
+    # another tokenizer is another cache entry
+    assert prepare_corpus(str(text_file), "gpt2", cache_dir=cache_dir).folder not in (first.folder, changed.folder)
+
+
+def test_folder_with_train_and_val_files_uses_them_as_splits(tmp_path, cache_dir):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("abc abc abc\n")
+    (folder / "val.txt").write_text("cab\n")
+    (folder / "test.txt").write_text("ignored\n")
+    corpus = prepare_corpus(str(folder), "char", cache_dir=cache_dir)
+    assert corpus.num_tokens == {"train": 12, "val": 4}
+    assert corpus.tokenizer.decode(corpus.tokens("val").tolist()) == "cab\n"
+
+
+def test_validation_characters_outside_the_training_vocabulary_are_reported(tmp_path, cache_dir):
+    (tmp_path / "train.txt").write_text("abc\n")
+    (tmp_path / "val.txt").write_text("abz\n")
+    with pytest.raises(DataSourceError, match="val split: .*'z'"):
+        prepare_corpus(str(tmp_path), "char", cache_dir=cache_dir)
+
+
+def test_gzip_and_glob_sources(tmp_path, cache_dir):
+    for i, text in enumerate(["first part\n", "second part\n"]):
+        with gzip.open(tmp_path / f"part{i}.txt.gz", "wt") as f:
+            f.write(text)
+    corpus = prepare_corpus(str(tmp_path / "part*.txt.gz"), "char", cache_dir=cache_dir)
+    assert corpus.tokenizer.decode(all_tokens(corpus).tolist()) == "first part\nsecond part\n"
+
+
+def test_jsonl_and_parquet_rows_are_documents_separated_by_end_of_text(tmp_path, cache_dir):
+    docs = ["one document", "another one", "a third"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"content": docs}), tmp_path / "docs.parquet")
+    for name in ("docs.jsonl", "docs.parquet"):
+        corpus = prepare_corpus(str(tmp_path / name), "gpt2", text_column="content", val_fraction=0.2,
+                                cache_dir=cache_dir)
+        ids = all_tokens(corpus).tolist()
+        eot = corpus.tokenizer.eot_token
+        assert ids.count(eot) == 3 and ids[-1] == eot
+        assert corpus.tokenizer.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"
+
+
+def test_missing_text_column_names_the_columns(tmp_path, cache_dir):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataSourceError, match="no 'text' column \\(it has \\['body'\\]\\)"):
+        prepare_corpus(str(tmp_path / "docs.jsonl"), "char", cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("source,message", [
+    ("no/such/file.txt", "no such file, folder or glob match"),
+    ("missing.txt", "no such file, folder or glob match"),
+])
+def test_missing_local_source(source, message, cache_dir):
+    with pytest.raises(DataSourceError, match=message):
+        prepare_corpus(source, "char", cache_dir=cache_dir)
+
+
+def test_unsupported_file_type(tmp_path, cache_dir):
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataSourceError, match="unsupported file type"):
+        prepare_corpus(str(tmp_path / "data.csv"), "char", cache_dir=cache_dir)
+
+
+def test_non_utf8_text_is_a_clear_error(tmp_path, cache_dir):
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    with pytest.raises(DataSourceError, match="must be UTF-8"):
+        prepare_corpus(str(tmp_path / "latin1.txt"), "char", cache_dir=cache_dir)
+
+
+def test_hub_id_offline_fails_with_advice(cache_dir, monkeypatch):
+    monkeypatch.setattr(corpus_module, "hub_reachable", lambda timeout=1.0: False)  # offline, wherever this runs
+    with pytest.raises(DataSourceError, match="hub cannot be reached.*--data.source path/to/input.txt"):
+        prepare_corpus("minigpt-tests/no-such-dataset", "char", cache_dir=cache_dir)
+
+
+def test_unknown_tokenizer(text_file, cache_dir):
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        prepare_corpus(str(text_file), "words", cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        LMDataModule(str(text_file), tokenizer="words")
+
+
+# ---------------------------------------------------------------- the data module
+
+def make_datamodule(source, cache_dir, **kwargs) -> LMDataModule:
+    kwargs = {"block_size": 16, "batch_size": 4, **kwargs}
+    dm = LMDataModule(str(source), cache_dir=str(cache_dir), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_are_windows_of_the_text_with_targets_shifted_by_one(text_file, cache_dir):
+    dm = make_datamodule(text_file, cache_dir)
+    text = text_file.read_text()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x, y, strict=True):
+        window = dm.tokenizer.decode(row_x.tolist()) + dm.tokenizer.decode(row_y[-1:].tolist())
+        assert window in text[:int(len(text) * 0.9)]  # training windows come from the training split
+
+
+def test_training_stream_is_seeded_per_rank(text_file, cache_dir):
+    from data.lm import RandomWindows
+
+    corpus = make_datamodule(text_file, cache_dir).corpus
+
+    def first_batch(seed, rank):
+        return next(iter(RandomWindows(corpus, "train", 16, 4, seed, rank)))[0]
+
+    assert torch.equal(first_batch(1, 0), first_batch(1, 0))
+    assert not torch.equal(first_batch(1, 0), first_batch(1, 1))
+    assert not torch.equal(first_batch(1, 0), first_batch(2, 0))
+
+
+def test_validation_batches_are_fixed_and_cover_the_split(text_file, cache_dir):
+    dm = make_datamodule(text_file, cache_dir)
+    first = [x for x, _ in dm.val_dataloader()]
+    second = [x for x, _ in dm.val_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    n_val = dm.corpus.num_tokens["val"]
+    assert sum(x.numel() for x in first) == (n_val - 1) // 16 * 16  # every window once
+    # consecutive windows in a shuffled order: the first batch is not the start of the split
+    start = torch.from_numpy(dm.corpus.tokens("val")[:16].astype(np.int64))
+    assert not torch.equal(first[0][0], start)
+
+
+def test_corpus_shorter_than_a_block_is_rejected(tmp_path, cache_dir):
+    (tmp_path / "short.txt").write_text("too short for a block of 64 characters\n" * 2)
+    with pytest.raises(DataSourceError, match="val split .* has 8 tokens, fewer than block_size \\+ 1 = 65"):
+        make_datamodule(tmp_path / "short.txt", cache_dir, block_size=64)
+
+
+def test_empty_file_is_rejected(tmp_path, cache_dir):
+    (tmp_path / "empty.txt").write_text("")
+    for tokenizer in ("char", "gpt2"):
+        with pytest.raises(DataSourceError, match="empty.txt'\\] is empty: there is no text"):
+            make_datamodule(tmp_path / "empty.txt", cache_dir, tokenizer=tokenizer)
+
+
+def test_tiny_shakespeare_matches_the_published_split():
+    """nanoGPT's shakespeare_char: 65 characters, 1,003,854 train and 111,540 val tokens."""
+    shared = os.environ.get("MINIGPT_SHARED_DATA")
+    if not shared:
+        pytest.skip("set MINIGPT_SHARED_DATA to a folder holding tinyshakespeare/input.txt (.ci/run does)")
+    corpus = prepare_corpus(os.path.join(shared, "tinyshakespeare", "input.txt"), "char")
+    assert corpus.tokenizer.vocab_size == 65
+    assert corpus.num_tokens == {"train": 1_003_854, "val": 111_540}

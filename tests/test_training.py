@@ -1,0 +1,127 @@
+"""The Lightning training path: schedule, optimizer groups, loss falling, checkpoints, the CLI."""
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from data import LMDataModule
+from model import GPTConfig
+from train import GPTLightningModule, main, param_groups, warmup_cosine
+
+
+def test_warmup_then_cosine_schedule():
+    f = [warmup_cosine(s, warmup_steps=10, decay_steps=110, min_ratio=0.1) for s in range(130)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(f[:10], f[1:11], strict=True))  # rising warmup
+    assert f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:110], f[11:111], strict=True))  # falling cosine
+    assert f[60] == pytest.approx(0.55)  # half way: the middle of 1 and 0.1
+    assert f[110:] == [0.1] * 20
+
+
+def test_weight_decay_only_on_weight_matrices():
+    module = GPTLightningModule(GPTConfig(vocab_size=40, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    decay, no_decay = param_groups(module.model, 0.1)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith("proj.weight") or n.endswith("fc.weight") for n in decayed)
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= not_decayed  # wte is also the tied LM head
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+
+
+def tiny_setup(text_file, cache_dir, **model_kwargs):
+    dm = LMDataModule(str(text_file), block_size=32, batch_size=16, cache_dir=str(cache_dir))
+    config = GPTConfig(vocab_size=dm.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    module = GPTLightningModule(config, lr=3e-3, min_lr=3e-4, warmup_steps=10, **model_kwargs)
+    return dm, module
+
+
+def tiny_trainer(tmp_path, max_steps, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=max_steps,
+                     check_val_every_n_epoch=None, gradient_clip_val=1.0, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def test_validation_loss_falls_through_the_lightning_path(text_file, cache_dir, tmp_path):
+    L.seed_everything(0)
+    dm, module = tiny_setup(text_file, cache_dir)
+    trainer = tiny_trainer(tmp_path, max_steps=80, enable_checkpointing=False)
+    before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(module, datamodule=dm)
+    after = trainer.callback_metrics["val/loss"].item()
+    assert trainer.global_step == 80
+    assert before > 3.0  # about ln(vocab) at the start (vocab ~ 30 characters)
+    assert after < before - 1.0, f"val/loss only went from {before:.3f} to {after:.3f}"
+
+
+def test_checkpoint_alone_rebuilds_model_and_tokenizer(text_file, cache_dir, tmp_path):
+    dm, module = tiny_setup(text_file, cache_dir)
+    trainer = tiny_trainer(tmp_path, max_steps=5)
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded = GPTLightningModule.load_from_checkpoint(path)  # default weights_only load: no pickled classes
+    assert loaded.model.config == module.model.config
+    assert loaded.tokenizer.to_dict() == dm.tokenizer.to_dict()
+    idx = torch.tensor([loaded.tokenizer.encode("The cat sat")])
+    module.eval()
+    torch.testing.assert_close(loaded.model(idx)[0], module.model(idx)[0])
+
+
+def test_tokenizer_and_model_vocabulary_must_match(text_file, cache_dir, tmp_path):
+    dm = LMDataModule(str(text_file), block_size=32, batch_size=4, cache_dir=str(cache_dir))
+    module = GPTLightningModule(GPTConfig(vocab_size=dm.vocab_size + 1, block_size=32, n_layer=1, n_head=1,
+                                          n_embd=8))
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model was built for"):
+        tiny_trainer(tmp_path, max_steps=1).fit(module, datamodule=dm)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses_and_overrides_win(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / config), "--model.config.n_layer", "3",
+              "--trainer.max_steps", "7", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["n_layer"] == 3
+    assert printed["trainer"]["max_steps"] == 7
+    assert printed["data"]["tokenizer"] in ("char", "gpt2")
+
+
+def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
+    result = run_cli("fit", "--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
+                     "--data.source", str(text_file), "--data.cache_dir", str(cache_dir),
+                     "--data.block_size", "16", "--model.config.n_layer", "1", "--model.config.n_embd", "16",
+                     "--model.config.n_head", "2", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "shakespeare_char_cpu" / "version_0"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(n.startswith("best-step=") for n in checkpoints)
+    assert f"Best checkpoint: {run / 'checkpoints'}" in result.stdout + result.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["config"]["n_layer"] == 1  # the override, as run
+    metrics = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "lr-AdamW/pg1"} <= set(metrics)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert ckpt["global_step"] == 20 and ckpt["tokenizer"]["name"] == "char"
+
+
+def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    result = run_cli("fit", "--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
+                     "--data.source", str(tmp_path / "missing.txt"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error: data source" in result.stderr and "no such file" in result.stderr
+    assert "Traceback" not in result.stderr
