@@ -1,0 +1,41 @@
+# `make train` and `make test` set everything up on first use: a virtual environment in .venv,
+# PyTorch (the build pip picks for this machine, or TORCH=...), and this project with its dev tools.
+#
+#   make train                                  # CPU config on Tiny Shakespeare from the hub
+#   make train DATA=path/to/input.txt           # ... from a local file (offline)
+#   make train CONFIG=configs/shakespeare_char.yaml ARGS="--trainer.max_steps 500"
+#   make test                                   # the test suite (pytest)
+#   make install TORCH="torch==2.13.0"          # pin the torch requirement (e.g. a local CPU build)
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch
+CONFIG ?= configs/shakespeare_char_cpu.yaml
+DATA   ?= karpathy/tiny_shakespeare
+ARGS   ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py fit --config $(CONFIG) --data.source $(DATA) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
