@@ -76,9 +76,6 @@ class GPTLightningModule(L.LightningModule):
                                  f"for {self.model.config.vocab_size}; train and resume with the same tokenizer")
             self.tokenizer = tokenizer
 
-    def forward(self, idx, targets=None):
-        return self.model(idx, targets)
-
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.model(x, y)

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: 1 thread is far faster than 2
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = ("the cat dog bird sat ran flew on under over a mat log tree and then quickly slowly "
-         "happy sad red blue green").split()
+WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "a", "mat", "log", "tree",
+         "and", "then", "quickly", "slowly", "happy", "sad", "red", "blue", "green"]
 
 
 def make_text(num_lines: int = 2000, seed: int = 0) -> str:

@@ -199,3 +199,17 @@ def test_tiny_shakespeare_matches_the_published_split():
     corpus = prepare_corpus(os.path.join(shared, "tinyshakespeare", "input.txt"), "char")
     assert corpus.tokenizer.vocab_size == 65
     assert corpus.num_tokens == {"train": 1_003_854, "val": 111_540}
+
+
+def test_prepare_data_script_fills_the_cache_that_training_reads(text_file, cache_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), str(text_file),
+                             "--cache_dir", str(cache_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    corpus = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)  # a cache hit: same folder
+    assert result.stdout.splitlines()[0] == str(corpus.folder)
+    assert f"train: {corpus.num_tokens['train']:,} tokens" in result.stdout
