@@ -1,25 +1,19 @@
 """Multi-head attention: one module for causal self-attention, bidirectional
-self-attention and cross-attention.
-
-Mask convention (the only one in this project)
-----------------------------------------------
-Boolean masks mean **True = may attend**, as in the ``attn_mask`` of
-``torch.nn.functional.scaled_dot_product_attention`` (and the opposite of the
-``key_padding_mask`` of ``nn.MultiheadAttention``). Two masks are combined:
-
-* causal: query ``i`` may attend to key ``j`` only if ``j <= i + (T_k - T_q)``.
-  The triangle is aligned to the bottom right, so ``T_q`` new queries see every
-  earlier key (what a KV cache needs); with ``T_q == T_k`` it is the usual
-  lower triangle.
-* ``key_mask`` of shape ``(B, T_k)``: True for real keys, False for padding.
-
-A query row that may attend to no key at all outputs zeros, on every path.
+self-attention and cross-attention. Masks follow the convention in ``model/masks.py``
+(boolean, True = may attend; causal aligned to the bottom right).
 
 Attention paths (``attn_impl``)
 -------------------------------
 * ``"naive"``: the reference, written out: scores / sqrt(d_k), masked_fill with
   -inf, softmax, dropout, @ V. The only path that can return the weights.
-* ``"sdpa"``: ``F.scaled_dot_product_attention``, which picks a fused kernel.
+* ``"sdpa"``: ``F.scaled_dot_product_attention``, which picks a fused kernel
+  (flash attention for causal or unmasked inputs on CPU and recent GPUs).
+* ``"flash"``: a flash kernel or an error, never a silent fallback: the
+  ``flash_attn`` package on CUDA where installed (fp16/bf16), else PyTorch's flash
+  kernel forced with ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``. Causal or unmasked
+  attention only (no key mask), and no attention dropout on CPU.
+* ``"tiled"``: the FlashAttention algorithm (tiles, online softmax, recomputing
+  backward) in readable PyTorch; see ``model/tiled_attention.py``. No dropout.
 
 Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry.
 """
@@ -29,20 +23,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
+from .masks import build_mask
+from .tiled_attention import tiled_attention
 
-def causal_mask(T_q: int, T_k: int, device=None) -> Tensor:
-    """(T_q, T_k) boolean lower triangle aligned to the bottom right."""
-    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=T_k - T_q)
-
-
-def build_mask(T_q: int, T_k: int, causal: bool, key_mask: Tensor | None, device=None) -> Tensor | None:
-    """The combined mask, broadcastable to (B, nh, T_q, T_k), or None when every key is visible."""
-    mask = causal_mask(T_q, T_k, device) if causal else None
-    if key_mask is not None:
-        keys = key_mask[:, None, None, :]  # (B, 1, 1, T_k)
-        mask = keys if mask is None else mask & keys
-    return mask
+try:  # Dao-AILab's kernels, CUDA only; optional
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0):
@@ -71,8 +61,42 @@ def _sdpa_kernel(q, k, v, *, causal, key_mask, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def _use_flash_attn_package(q: Tensor) -> bool:
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
+    if key_mask is not None:
+        raise ValueError("attn_impl='flash' takes causal or unmasked attention only, not a key padding mask "
+                         "(flash kernels do not take arbitrary masks); use attn_impl='sdpa' for padded batches")
+    if _use_flash_attn_package(q):  # its layout is (B, T, nh, hs); its causal mask is bottom-right aligned too
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                            causal=causal)
+        return y.transpose(1, 2)
+    if dropout_p > 0 and q.device.type == "cpu":
+        raise ValueError("PyTorch's flash kernel on CPU has no attention dropout: set the model's dropout to 0 "
+                         "or use attn_impl='sdpa'")
+    T_q, T_k = q.size(-2), k.size(-2)
+    mask, is_causal = None, causal
+    if causal and T_q != T_k:  # is_causal aligns the triangle top-left; we need bottom-right
+        mask, is_causal = (None if T_q == 1 else causal_lower_right(T_q, T_k)), False
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    except RuntimeError as e:
+        raise ValueError(f"PyTorch's flash kernel cannot serve this call ({q.dtype} on {q.device.type}, head size "
+                         f"{q.size(-1)}, T_q {T_q}, T_k {T_k}): {str(e).splitlines()[0]} On GPUs it needs fp16 "
+                         f"or bf16 (--trainer.precision bf16-mixed); otherwise use attn_impl='sdpa'.") from e
+
+
+def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p):
+    if dropout_p > 0:
+        raise ValueError("attn_impl='tiled' has no attention dropout: set the model's dropout to 0")
+    return tiled_attention(q, k, v, causal=causal, key_mask=key_mask)
+
+
 # attn_impl -> kernel(q, k, v, *, causal, key_mask, dropout_p) -> (B, nh, T_q, hs)
-ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel}
+ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel, "tiled": _tiled_kernel}
 
 
 class MultiHeadAttention(nn.Module):

@@ -21,7 +21,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
-    attn_impl: str = "sdpa"  # "naive" (reference) or "sdpa" (fused); see model/attention.py
+    attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled"; see model/attention.py
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -35,6 +35,8 @@ class GPTConfig:
         if self.attn_impl not in ATTENTION_KERNELS:
             raise ValueError(f"GPTConfig.attn_impl {self.attn_impl!r} is unknown; "
                              f"choose one of {sorted(ATTENTION_KERNELS)}")
+        if self.attn_impl == "tiled" and self.dropout > 0:
+            raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
 
 
 class MLP(nn.Module):

@@ -1,13 +1,19 @@
 """The attention module: masks, shapes, and agreement of the attention paths."""
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 
 from model import ATTENTION_KERNELS, MultiHeadAttention, causal_mask
 
 IMPLS = sorted(ATTENTION_KERNELS)
-# fp32, dropout off: the fused kernel and the reference differ only by summation order
+MASKABLE = [i for i in IMPLS if i != "flash"]  # flash kernels take no key padding mask
+# fp32, dropout off: the paths and the reference differ only by summation order
 ATOL, RTOL = 1e-5, 1e-4
+# bf16 keeps 8 bits of mantissa: outputs of size ~1 agree with the fp32 reference to a few 1e-2
+BF16_ATOL, BF16_RTOL = 3e-2, 3e-2
 
 
 def make_attention(impl="naive", n_embd=32, n_head=4, seed=0, **kwargs):
@@ -51,7 +57,7 @@ def test_naive_weights_are_causal_and_rows_sum_to_one():
     torch.testing.assert_close(w.sum(-1), torch.ones(3, 4, 7))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MASKABLE)
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_mask_hides_padded_keys(impl, causal):
     attn = make_attention(impl, causal=causal)
@@ -67,7 +73,7 @@ def test_key_mask_hides_padded_keys(impl, causal):
     assert torch.all(w[1, :, :, 4:] == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MASKABLE)
 def test_query_with_no_visible_key_outputs_zeros_without_nan(impl):
     attn = make_attention(impl, bias=False)
     x = torch.randn(2, 5, 32, requires_grad=True)
@@ -79,29 +85,58 @@ def test_query_with_no_visible_key_outputs_zeros_without_nan(impl):
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
-@pytest.mark.parametrize("case", ["causal", "padded", "causal+padded", "cross", "kv-cache-shaped"])
-def test_paths_agree_with_reference_outputs_and_gradients(impl, case):
-    cross = case == "cross"
-    ref, other = twin(impl, causal="causal" in case or case == "kv-cache-shaped", cross=cross)
-    B, T = 3, 9
-    x = torch.randn(B, 4 if case == "kv-cache-shaped" else T, 32)
-    context = torch.randn(B, 13, 32) if cross else None
-    key_mask = None
-    if "padded" in case or cross:
-        T_k = 13 if cross else T
-        key_mask = torch.arange(T_k)[None, :] < torch.tensor([T_k, T_k - 3, T_k - 5])[:, None]
+CASES = {  # name: (causal, cross, T_q, padded)
+    "causal": (True, False, 9, False),
+    "bidirectional": (False, False, 9, False),
+    "padded": (False, False, 9, True),
+    "causal+padded": (True, False, 9, True),
+    "cross": (False, True, 9, False),
+    "cross+padded": (False, True, 9, True),
+    "new queries over cached keys": (True, False, 4, False),
+}
 
-    outs, grads = [], []
-    for module in (ref, other):
-        xi = x.clone().requires_grad_()
-        y = module(xi, context=context, key_mask=key_mask)
-        y.pow(2).sum().backward()
-        outs.append(y)
-        grads.append([xi.grad] + [p.grad for p in module.parameters()])
-    torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=RTOL)
-    for g_other, g_ref in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(g_other, g_ref, atol=1e-4, rtol=1e-4)
+
+def run_both(impl, case, dtype=torch.float32):
+    """Outputs and gradients (input and parameters) of the reference and of ``impl`` on one case."""
+    causal, cross, T_q, padded = CASES[case]
+    ref, other = twin(impl, causal=causal, cross=cross)
+    B, T_k = 3, 13 if cross else 9
+    torch.manual_seed(1)
+    x = torch.randn(B, T_q if not cross else 9, 32)
+    context = torch.randn(B, T_k, 32) if cross else None
+    if case == "new queries over cached keys":  # self-attention over 9 keys, of which the last 4 are new
+        x = torch.randn(B, T_q, 32)
+    key_mask = torch.arange(T_k)[None, :] < torch.tensor([T_k, T_k - 3, T_k - 5])[:, None] if padded else None
+    results = []
+    for module, module_dtype in ((ref, torch.float32), (other, dtype)):
+        module.to(module_dtype)
+        xi = x.to(module_dtype, copy=True).requires_grad_()
+        ctx = context.to(module_dtype) if cross else None
+        y = module(xi, context=ctx, key_mask=key_mask)
+        y.float().pow(2).sum().backward()
+        results.append((y.float(), [xi.grad.float()] + [p.grad.float() for p in module.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_paths_agree_with_reference_outputs_and_gradients(impl, case):
+    if CASES[case][3] and impl not in MASKABLE:
+        pytest.skip(f"{impl} takes no key mask (test_flash_refuses_what_it_cannot_serve)")
+    (y_ref, g_ref), (y, g) = run_both(impl, case)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
+    for g_other, g_reference in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(g_other, g_reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["causal", "cross+padded"])
+def test_bf16_paths_track_the_fp32_reference(impl, case):
+    if CASES[case][3] and impl not in MASKABLE:
+        pytest.skip(f"{impl} takes no key mask")
+    (y_ref, g_ref), (y, g) = run_both(impl, case, dtype=torch.bfloat16)
+    torch.testing.assert_close(y, y_ref, atol=BF16_ATOL, rtol=BF16_RTOL)
+    torch.testing.assert_close(g[0], g_ref[0], atol=BF16_ATOL, rtol=BF16_RTOL)  # input gradient
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -113,8 +148,9 @@ def test_new_queries_over_cached_keys_equal_the_full_causal_pass(impl):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
     full = ATTENTION_KERNELS[impl](q, k, v, causal=True, key_mask=None, dropout_p=0.0)
-    last = ATTENTION_KERNELS[impl](q[:, :, -3:], k, v, causal=True, key_mask=None, dropout_p=0.0)
-    torch.testing.assert_close(last, full[:, :, -3:], atol=ATOL, rtol=RTOL)
+    for new in (3, 1):
+        last = ATTENTION_KERNELS[impl](q[:, :, -new:], k, v, causal=True, key_mask=None, dropout_p=0.0)
+        torch.testing.assert_close(last, full[:, :, -new:], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -135,7 +171,7 @@ def test_self_attention_shapes(impl, B, T, n_head):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("B,T_q,T_k", [(1, 1, 5), (2, 7, 3), (3, 4, 11)])
+@pytest.mark.parametrize("B,T_q,T_k", [(1, 1, 5), (2, 7, 3), (3, 4, 11), (2, 300, 200)])
 def test_cross_attention_shapes(impl, B, T_q, T_k):
     attn = make_attention(impl, cross=True)
     y, w = attn(torch.randn(B, T_q, 32), context=torch.randn(B, T_k, 32), return_weights=True)
@@ -163,3 +199,88 @@ def test_bad_arguments_raise_clear_errors():
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), context=torch.randn(1, 3, 32))
     with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), key_mask=torch.ones(1, 3))
+
+
+def test_flash_refuses_what_it_cannot_serve():
+    attn = make_attention("flash", causal=True)
+    with pytest.raises(ValueError, match="not a key padding mask.*use attn_impl='sdpa'"):
+        attn(torch.randn(2, 4, 32), key_mask=torch.ones(2, 4, dtype=torch.bool))
+    attn = make_attention("flash", causal=True, dropout=0.1).train()
+    with pytest.raises(ValueError, match="flash kernel on CPU has no attention dropout"):
+        attn(torch.randn(2, 4, 32))
+    with pytest.raises(ValueError, match="'tiled' has no attention dropout"):
+        make_attention("tiled", dropout=0.1).train()(torch.randn(2, 4, 32))
+
+
+def test_flash_attn_package_gets_its_layout_and_the_causal_flag(monkeypatch):
+    """Where flash_attn is installed (CUDA), its function is called in its (B, T, nh, hs) layout."""
+    import model.attention as attention
+
+    calls = []
+
+    def fake_flash_attn_func(q, k, v, dropout_p, causal):  # the reference, in flash_attn's layout
+        calls.append((q.shape, causal))
+        mask = causal_mask(q.size(1), k.size(1)) if causal else None
+        y, _ = attention.naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p)
+        return y.transpose(1, 2)
+
+    ref, flash = twin("flash", causal=True)
+    x = torch.randn(2, 6, 32)
+    expected = flash(x)
+    monkeypatch.setattr(attention, "flash_attn_func", fake_flash_attn_func)
+    monkeypatch.setattr(attention, "_use_flash_attn_package", lambda q: True)
+    torch.testing.assert_close(flash(x), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ref(x), expected, atol=ATOL, rtol=RTOL)
+    assert calls == [((2, 6, 4, 8), True)]
+
+
+@pytest.mark.parametrize("tile", [1, 4, 5, 64])
+def test_tiled_attention_any_tile_size(tile):
+    """Tiles that do not divide T, and T_q > T_k (the first queries see no key), match the reference."""
+    from model import tiled_attention
+    from model.attention import naive_attention
+    from model.masks import build_mask
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 11, 8, requires_grad=True)
+    k, v = torch.randn(2, 3, 7, 8, requires_grad=True), torch.randn(2, 3, 7, 8, requires_grad=True)
+    key_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    y = tiled_attention(q, k, v, causal=True, key_mask=key_mask, tile=tile)
+    y_ref, _ = naive_attention(q, k, v, build_mask(11, 7, True, key_mask))
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
+    assert torch.all(y[:, :, :4] == 0)  # queries 0-3 come before every key
+    grads = torch.autograd.grad(y.pow(2).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(y_ref.pow(2).sum(), (q, k, v))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def _vm_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+
+def peak_memory_of(fn) -> int:
+    """How far the process's peak resident memory rose above its current size while ``fn`` ran
+    (Linux: writing 5 to /proc/self/clear_refs resets the peak)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _vm_bytes("VmRSS:")
+    fn()
+    return _vm_bytes("VmHWM:") - before
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux /proc")
+def test_tiled_path_memory_stays_far_under_the_reference_at_long_T():
+    T, nh, hs = 2048, 4, 32  # the reference holds several (nh, T, T) fp32 matrices: 64 MiB each
+
+    def fwd_bwd(impl):
+        def run():
+            q, k, v = (torch.randn(1, nh, T, hs, requires_grad=True) for _ in range(3))
+            y = ATTENTION_KERNELS[impl](q, k, v, causal=True, key_mask=None, dropout_p=0.0)
+            y.sum().backward()
+        return run
+
+    naive, tiled = peak_memory_of(fwd_bwd("naive")), peak_memory_of(fwd_bwd("tiled"))
+    assert naive > 3 * nh * T * T * 4 / 2, f"the reference rose only {naive / 2**20:.0f} MiB"
+    assert tiled < naive / 10, f"tiled {tiled / 2**20:.1f} MiB vs reference {naive / 2**20:.1f} MiB"

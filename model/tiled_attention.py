@@ -1,0 +1,107 @@
+"""Tiled attention with an online softmax: the FlashAttention algorithm in plain PyTorch.
+
+The reference path computes the whole (T_q, T_k) score matrix. Here queries and keys
+are taken in tiles, and for each tile of queries a running row maximum ``m``, softmax
+normaliser ``l`` and unnormalised output ``acc`` are updated one tile of keys at a time:
+
+    s     = q_tile k_tileᵀ / √d                   scores of this pair of tiles only
+    m_new = max(m, rowmax(s))
+    p     = exp(s - m_new)
+    l     = exp(m - m_new) · l + rowsum(p)          rescale what was summed so far
+    acc   = exp(m - m_new) · acc + p v_tile
+    out   = acc / l                                 after the last tile of keys
+
+so no T_q x T_k matrix is ever held and memory grows linearly with T. The backward pass
+keeps only ``out`` and the log-sum-exp ``lse = m + log l`` of each row and recomputes
+each tile's probabilities from them (FlashAttention-2's backward):
+
+    p  = exp(s - lse)
+    dv += pᵀ do,   dp = do vᵀ,   ds = p ∘ (dp - rowsum(do ∘ out)),   dq += ds k / √d,   dk += dsᵀ q / √d
+
+Written for reading and for proving the algorithm (tests check it against the reference);
+the Python loop over tiles makes it slower than the fused kernels. It has no dropout.
+Masks follow ``model/masks.py``. All arithmetic is in fp32, whatever the input dtype.
+"""
+
+import torch
+from torch import Tensor
+
+from .masks import build_mask
+
+NEG_INF = float("-inf")
+
+
+def _tiles(n: int, size: int):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _visible_key_tiles(i1: int, T_q: int, T_k: int, causal: bool, tile: int):
+    """Key tiles that queries < i1 may see: with a causal mask, none past key i1 - 1 + (T_k - T_q)."""
+    end = min(T_k, i1 + T_k - T_q) if causal else T_k
+    return _tiles(max(end, 0), tile)
+
+
+def _scores(q_tile, k_tile, scale, mask):
+    s = (q_tile @ k_tile.transpose(-2, -1)) * scale  # (B, nh, tq, tk)
+    return s if mask is None else s.masked_fill(~mask, NEG_INF)
+
+
+class TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, key_mask, tile: int):
+        B, nh, T_q, hs = q.shape
+        T_k, scale = k.size(2), hs ** -0.5
+        out = torch.zeros(B, nh, T_q, hs, device=q.device, dtype=torch.float32)
+        lse = torch.full((B, nh, T_q), NEG_INF, device=q.device, dtype=torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            for i0, i1 in _tiles(T_q, tile):
+                q_tile = q[:, :, i0:i1].float()
+                m = torch.full((B, nh, i1 - i0), NEG_INF, device=q.device)  # running row maximum
+                l = torch.zeros(B, nh, i1 - i0, device=q.device)  # running softmax normaliser
+                acc = torch.zeros(B, nh, i1 - i0, hs, device=q.device)  # running unnormalised output
+                for j0, j1 in _visible_key_tiles(i1, T_q, T_k, causal, tile):
+                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1), slice(j0, j1))
+                    s = _scores(q_tile, k[:, :, j0:j1].float(), scale, mask)
+                    m_new = torch.maximum(m, s.amax(-1))
+                    m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)  # rows that saw no key yet
+                    p = torch.exp(s - m_safe[..., None])
+                    rescale = torch.exp(m - m_safe)
+                    l = rescale * l + p.sum(-1)
+                    acc = rescale[..., None] * acc + p @ v[:, :, j0:j1].float()
+                    m = m_new
+                seen = l > 0  # a row that may see no key keeps out = 0 and lse = -inf
+                out[:, :, i0:i1] = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
+                lse[:, :, i0:i1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), NEG_INF)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.causal, ctx.tile = causal, tile
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        causal, tile = ctx.causal, ctx.tile
+        T_q, T_k, scale = q.size(2), k.size(2), q.size(-1) ** -0.5
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+        dv = torch.zeros_like(v, dtype=torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            d_out = d_out.float()
+            delta = (d_out * out).sum(-1)  # (B, nh, T_q): rowsum(do ∘ out)
+            lse = lse.masked_fill(lse == NEG_INF, 0.0)  # such rows have all scores -inf: p = 0 anyway
+            for i0, i1 in _tiles(T_q, tile):
+                q_tile, do_tile = q[:, :, i0:i1].float(), d_out[:, :, i0:i1]
+                for j0, j1 in _visible_key_tiles(i1, T_q, T_k, causal, tile):
+                    k_tile, v_tile = k[:, :, j0:j1].float(), v[:, :, j0:j1].float()
+                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1), slice(j0, j1))
+                    p = torch.exp(_scores(q_tile, k_tile, scale, mask) - lse[:, :, i0:i1, None])
+                    dv[:, :, j0:j1] += p.transpose(-2, -1) @ do_tile
+                    ds = p * (do_tile @ v_tile.transpose(-2, -1) - delta[:, :, i0:i1, None])
+                    dq[:, :, i0:i1] += (ds @ k_tile) * scale
+                    dk[:, :, j0:j1] += (ds.transpose(-2, -1) @ q_tile) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, key_mask: Tensor | None = None,
+                    tile: int = 128) -> Tensor:
+    """Attention on (B, nh, T, hs) tensors, ``tile`` queries x ``tile`` keys at a time."""
+    return TiledAttention.apply(q, k, v, causal, key_mask, tile)
