@@ -101,6 +101,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.wpe.weight.numel() if non_embedding else n
 
+    def flops_per_token(self, T: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token of a length-T sequence (default block_size):
+        6 per weight (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for the attention scores
+        and the weighted sum of values (PaLM, appendix B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
+
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore).
 

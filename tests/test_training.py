@@ -60,6 +60,49 @@ def test_validation_loss_falls_through_the_lightning_path(text_file, cache_dir, 
     assert after < before - 1.0, f"val/loss only went from {before:.3f} to {after:.3f}"
 
 
+def test_bf16_mixed_training_tracks_fp32(text_file, cache_dir, tmp_path):
+    """The same seeded run in bf16-mixed and 32-true: both learn, and end within 0.05 of each other."""
+    final = {}
+    for precision in ("32-true", "bf16-mixed"):
+        L.seed_everything(0)
+        dm, module = tiny_setup(text_file, cache_dir)
+        trainer = tiny_trainer(tmp_path / precision, max_steps=80, precision=precision, enable_checkpointing=False)
+        trainer.fit(module, datamodule=dm)
+        final[precision] = trainer.callback_metrics["val/loss"].item()
+    assert final["32-true"] < 2.3  # learnt (the start is about ln(30) = 3.4)
+    assert abs(final["bf16-mixed"] - final["32-true"]) < 0.05, final
+
+
+def test_flops_per_token_match_torch_flop_counter():
+    """6N + 12 L C T against torch's FLOP counter on a forward + backward pass (on the meta device)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from model import GPT
+
+    config = GPTConfig(vocab_size=1000, block_size=128, n_layer=4, n_head=4, n_embd=128)
+    with torch.device("meta"):
+        model = GPT(config)
+        idx = torch.randint(0, 1000, (2, 128))
+        counted = measure_flops(model, lambda: model(idx, idx)[1], loss_fn=lambda loss: loss)
+    assert model.flops_per_token() * idx.numel() == pytest.approx(counted, rel=0.05)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_checkpoints(text_file, cache_dir, tmp_path):
+    dm, module = tiny_setup(text_file, cache_dir, compile=True)
+    trainer = tiny_trainer(tmp_path, max_steps=10)
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "compiled.ckpt"
+    trainer.save_checkpoint(path)
+    keys = list(torch.load(path, map_location="cpu")["state_dict"])
+    assert keys and not any("_orig_mod" in k for k in keys)
+    eager = GPTLightningModule.load_from_checkpoint(path)  # loads into a plain, uncompiled model
+    idx = torch.tensor([eager.tokenizer.encode("The cat sat")])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(eager.model(idx)[0], module.model(idx)[0], atol=1e-5, rtol=1e-4)
+
+
 def test_checkpoint_alone_rebuilds_model_and_tokenizer(text_file, cache_dir, tmp_path):
     dm, module = tiny_setup(text_file, cache_dir)
     trainer = tiny_trainer(tmp_path, max_steps=5)
@@ -105,6 +148,7 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
                      "--data.source", str(text_file), "--data.cache_dir", str(cache_dir),
                      "--data.block_size", "16", "--model.config.n_layer", "1", "--model.config.n_embd", "16",
                      "--model.config.n_head", "2", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+                     "--trainer.log_every_n_steps", "5", "--throughput.window_size", "5",
                      "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "shakespeare_char_cpu" / "version_0"
@@ -114,7 +158,7 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["config"]["n_layer"] == 1  # the override, as run
     metrics = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/loss", "lr-AdamW/pg1"} <= set(metrics)
+    assert {"train/loss", "val/loss", "lr-AdamW/pg1", "train/device/items_per_sec"} <= set(metrics)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 20 and ckpt["tokenizer"]["name"] == "char"
 
