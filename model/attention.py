@@ -37,7 +37,8 @@ except ImportError:
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0):
     """Reference attention on (B, nh, T, hs) tensors. Returns (output, weights before dropout)."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T_q, T_k)
+    # q k^T / sqrt(d_k), scaling q first: in fp16 large scores could overflow before the division
+    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 under autocast

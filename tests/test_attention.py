@@ -271,3 +271,14 @@ def test_tiled_path_memory_stays_far_under_the_reference_at_long_T(tmp_path):
     assert mib["naive"] > 3 * 64, f"the reference added only {mib['naive']:.0f} MiB"
     assert mib["tiled"] < mib["naive"] / 10, f"tiled {mib['tiled']:.1f} MiB vs reference {mib['naive']:.1f} MiB"
     assert (tmp_path / "bench.png").stat().st_size > 10_000  # the plot was drawn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_scores_do_not_overflow_in_fp16(impl):
+    """q . k = 40 * 40 * 64 = 102,400 exceeds fp16's 65,504; scaled by 1/sqrt(64) first it does not."""
+    q = torch.full((1, 2, 4, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 2, 4, 64, dtype=torch.float16)
+    y = ATTENTION_KERNELS[impl](q, q.clone(), v, causal=True, key_mask=None, dropout_p=0.0)
+    assert torch.isfinite(y).all()
+    expected = v.float().cumsum(2) / torch.arange(1, 5).view(1, 1, 4, 1)  # equal scores: running means of v
+    torch.testing.assert_close(y.float(), expected, atol=1e-2, rtol=1e-2)
