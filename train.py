@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -57,11 +58,14 @@ class GPTLightningModule(L.LightningModule):
         weight_decay: AdamW weight decay of the weight matrices.
         betas: AdamW betas.
         compile: compile the model with ``torch.compile`` (in place: checkpoint keys are unchanged).
+        val_samples: samples generated at each validation (0: none), logged as text and, with wandb, a table.
+        val_sample_tokens: tokens per sample.
     """
 
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 100, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), compile: bool = False):
+                 betas: tuple[float, float] = (0.9, 0.95), compile: bool = False, val_samples: int = 2,
+                 val_sample_tokens: int = 200):
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyperparameters
             config = GPTConfig(**config)
@@ -98,6 +102,20 @@ class GPTLightningModule(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.size(0))
+
+    def on_validation_epoch_end(self):
+        hp = self.hparams
+        if self.trainer.sanity_checking or self.tokenizer is None or hp.val_samples < 1 \
+                or not self.trainer.is_global_zero:
+            return
+        start = torch.full((hp.val_samples, 1), self.tokenizer.start_token, device=self.device)
+        generator = torch.Generator(self.device).manual_seed(0)  # the same draws at every validation
+        tokens = self.model.generate(start, hp.val_sample_tokens, temperature=0.8, top_k=200, generator=generator)
+        texts = [self.tokenizer.decode(row[1:].tolist()) for row in tokens]
+        rank_zero_info(f"\nSamples at step {self.global_step}:\n" + "\n---\n".join(texts))
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text("val/samples", columns=["step", "sample"], data=[[self.global_step, t] for t in texts])
 
     def configure_optimizers(self):
         hp = self.hparams

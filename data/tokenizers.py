@@ -1,5 +1,6 @@
 """Tokenizers with one small interface: ``name``, ``vocab_size``, ``eot_token``,
-``encode(text)``, ``decode(ids)``, ``to_dict()``; ``tokenizer_from_dict`` rebuilds
+``start_token`` (what generation starts from without a prompt), ``encode(text)``,
+``decode(ids)``, ``to_dict()``; ``tokenizer_from_dict`` rebuilds
 one from what a checkpoint saved.
 
 * ``char``: one token per character, vocabulary built from the training text.
@@ -36,6 +37,7 @@ class CharTokenizer:
         self.chars = "".join(sorted(set(chars)))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
+        self.start_token = self.stoi.get("\n", 0)  # what generation starts from without a prompt
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -89,7 +91,7 @@ class GPT2Tokenizer:
     def __init__(self):
         self.encoding = gpt2_encoding()
         self.vocab_size = self.encoding.n_vocab
-        self.eot_token = self.encoding.eot_token
+        self.eot_token = self.start_token = self.encoding.eot_token
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)

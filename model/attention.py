@@ -100,6 +100,32 @@ def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p):
 ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel, "tiled": _tiled_kernel}
 
 
+class KVCache:
+    """Keys and values of the tokens one attention layer has seen, so each generation step feeds only
+    the new tokens. Buffers of ``max_len`` positions are allocated on first use and filled in place."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k = self.v = None  # (B, nh, max_len, hs)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, nh, T, hs) new keys and values; return all of them so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {end} do not fit")
+        if self.k is None or self.k.shape[0] != k.size(0) or self.k.dtype != k.dtype:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self):
+        self.length = 0
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention with output projection and dropout.
 
@@ -132,8 +158,9 @@ class MultiHeadAttention(nn.Module):
         return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
-                return_weights: bool = False):
-        """x: (B, T_q, C); context: (B, T_k, C), cross-attention only; key_mask: (B, T_k) bool.
+                return_weights: bool = False, kv_cache: KVCache | None = None):
+        """x: (B, T_q, C); context: (B, T_k, C), cross-attention only; key_mask: (B, T_k) bool;
+        kv_cache: self-attention's keys and values of earlier tokens, extended with these.
 
         Returns y (B, T_q, C); with ``return_weights=True``, (y, weights (B, nh, T_q, T_k)),
         computed through the reference path whatever ``attn_impl`` is.
@@ -148,18 +175,22 @@ class MultiHeadAttention(nn.Module):
             if context is not None:
                 raise ValueError("self-attention takes no context; build the module with cross=True")
             q, k, v = self.qkv_proj(x).split(C, dim=2)
-        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, k.size(1))):
-            raise ValueError(f"key_mask must be a bool tensor of shape {(B, k.size(1))} (True = real key), "
+        T_k = k.size(1) + (kv_cache.length if kv_cache is not None else 0)
+        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, T_k)):
+            raise ValueError(f"key_mask must be a bool tensor of shape {(B, T_k)} (True = real key), "
                              f"got {key_mask.dtype} {tuple(key_mask.shape)}")
         q, k, v = map(self._split_heads, (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, T_past + T_q, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
+        causal = self.causal and T_q > 1  # a single (newest) query sees every key: no mask needed
 
         if return_weights:
-            mask = build_mask(T_q, k.size(2), self.causal, key_mask, x.device)
+            mask = build_mask(T_q, k.size(2), causal, key_mask, x.device)
             y, weights = naive_attention(q, k, v, mask, dropout_p)
         else:
             kernel = ATTENTION_KERNELS[self.attn_impl]
-            y = kernel(q, k, v, causal=self.causal, key_mask=key_mask, dropout_p=dropout_p)
+            y = kernel(q, k, v, causal=causal, key_mask=key_mask, dropout_p=dropout_p)
 
         y = y.transpose(1, 2).contiguous().view(B, T_q, C)  # re-assemble the heads side by side
         y = self.resid_dropout(self.out_proj(y))

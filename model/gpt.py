@@ -3,13 +3,15 @@ blocks of causal self-attention and MLP, a final LayerNorm and an LM head tied
 to the token embedding (GPT-2's layout and initialisation)."""
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ATTENTION_KERNELS, MultiHeadAttention
+from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
+from .sampling import check_sampling_args, sample_next
 
 
 @dataclass
@@ -65,8 +67,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config.n_embd, config.dropout, config.bias)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), key_mask=key_mask)
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,23 +110,91 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None):
-        """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore).
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_caches: list[KVCache] | None = None):
+        """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore); kv_caches: one per block,
+        holding the earlier tokens of the sequences (generation), which idx continues.
 
         Returns logits (B, T, vocab_size) and the mean cross-entropy (None without targets).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than block_size {self.config.block_size}; "
+        past = kv_caches[0].length if kv_caches else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence length {past + T} is longer than block_size {self.config.block_size}; "
                              f"crop the input to the last {self.config.block_size} tokens")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=kv_caches[i] if kv_caches else None)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
         return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def _decode(self, idx: Tensor, max_new_tokens: int, pick, use_cache: bool = True) -> Iterator:
+        """Yields (next tokens (B,), their logits (B, vocab)) for up to max_new_tokens steps;
+        ``pick(logits) -> (B,)`` chooses each step's tokens.
+
+        Context: at most block_size tokens. When the next token would make it longer, the context is
+        cropped to its last block_size // 2 tokens and the cache is rebuilt from them, with and without
+        a cache alike. (Positions are learned and absolute, so keys cached at other positions cannot be
+        slid along; rebuilding at every step would cost as much as having no cache.)
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"generation needs a (batch, time) tensor of at least one token, got {tuple(idx.shape)}")
+        block, keep = self.config.block_size, max(1, self.config.block_size // 2)
+        caches = [KVCache(block) for _ in self.blocks] if use_cache else None
+        seq, start = idx, max(0, idx.size(1) - block)  # the context is seq[:, start:]
+        for _ in range(max_new_tokens):
+            if seq.size(1) - start > block:
+                start = seq.size(1) - keep
+                for cache in caches or []:
+                    cache.reset()
+            if caches:  # feed only what the cache has not seen
+                logits = self(seq[:, start + caches[0].length:], kv_caches=caches)[0][:, -1]
+            else:
+                logits = self(seq[:, start:])[0][:, -1]
+            next_tokens = pick(logits)
+            seq = torch.cat([seq, next_tokens[:, None]], dim=1)
+            yield next_tokens, logits
+
+    def stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, stop: Iterable[int] | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Sample continuations of idx (B, T), yielding each step's new tokens (B, 1) as they come.
+
+        temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p. stop: token ids; a row that produced one repeats it until every row
+        has, and then generation ends. Call model.eval() first (dropout would be on otherwise).
+        """
+        check_sampling_args(temperature, top_k, top_p)  # here, not at the first step: bad input fails at once
+        stop_ids = torch.tensor(sorted(set(stop or ())), dtype=torch.long, device=idx.device)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+
+        def pick(logits):
+            nonlocal finished
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if len(stop_ids):
+                tokens = torch.where(finished, stop_ids[0], tokens)  # finished rows repeat a stop token
+                finished = finished | torch.isin(tokens, stop_ids)
+            return tokens
+
+        def steps():
+            for tokens, _ in self._decode(idx, max_new_tokens, pick, use_cache):
+                yield tokens[:, None]
+                if len(stop_ids) and finished.all():
+                    return
+
+        return steps()
+
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, stop: Iterable[int] | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """idx (B, T) followed by up to max_new_tokens sampled tokens; see ``stream``."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)

@@ -154,7 +154,9 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
     run = tmp_path / "runs" / "shakespeare_char_cpu" / "version_0"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(n.startswith("best-step=") for n in checkpoints)
-    assert f"Best checkpoint: {run / 'checkpoints'}" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"Best checkpoint: {run / 'checkpoints'}" in output
+    assert "Samples at step 10:" in output and "Samples at step 20:" in output  # text samples at each validation
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["config"]["n_layer"] == 1  # the override, as run
     metrics = (run / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -1,0 +1,132 @@
+"""Sample text from a trained checkpoint.
+
+    python scripts/sample.py --ckpt runs/shakespeare_char_cpu/version_0/checkpoints/last.ckpt --prompt "ROMEO:"
+    python scripts/sample.py --ckpt model.ckpt --prompt-file prompt.txt --num-samples 3 --temperature 0.8 \\
+        --top-k 200 --max-new-tokens 500 --stop "\\n\\n" --stream
+
+The checkpoint alone is enough: it holds the model's config and its tokenizer. Without a prompt,
+generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for GPT-2).
+Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
+block_size the context is cropped to its last half (see GPT._decode).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from data import tokenizer_from_dict
+from model import GPT, GPTConfig
+from model.sampling import check_sampling_args
+
+
+class SampleError(Exception):
+    """Bad input to this script, with a message that says what to do."""
+
+
+def load_checkpoint(path: str, device: str):
+    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py."""
+    if not Path(path).is_file():
+        raise SampleError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SampleError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file complete, "
+                          f"and was it written by train.py?") from None
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
+        raise SampleError(f"{path} is not a GPT checkpoint of this project (it has no model config or tokenizer)")
+    model = GPT(GPTConfig(**config))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
+    if not prompt:
+        return [tokenizer.start_token]
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:
+        raise SampleError(f"the prompt cannot be encoded: {e}") from None
+    if len(ids) > block_size:
+        raise SampleError(f"the prompt is {len(ids)} tokens long; this model reads at most {block_size} "
+                          f"(its block_size). Shorten the prompt.")
+    return ids
+
+
+def sample(model, tokenizer, ids: list[int], args, generator, echo=None) -> str:
+    """One continuation of ids, cut before the first stop string; ``echo(text)`` is called with each
+    new piece of text as it comes (streaming)."""
+    text, new_ids = "", []
+    x = torch.tensor([ids], device=args.device)
+    for step in model.stream(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             use_cache=not args.no_cache, generator=generator):
+        new_ids.append(step.item())
+        new_text = tokenizer.decode(new_ids)
+        cuts = [new_text.find(s) for s in args.stop if s in new_text]
+        if cuts:
+            new_text = new_text[:min(cuts)]
+        elif new_text.endswith("\ufffd"):
+            continue  # half of a multi-byte character: wait for the rest
+        if echo:
+            echo(new_text[len(text):])
+        text = new_text
+        if cuts:
+            break
+    return text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompt", default=None, help="text to continue")
+    group.add_argument("--prompt-file", default=None, help="file whose text to continue")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA device here; use --device cpu")
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise SampleError("--num-samples must be at least 1 and --max-new-tokens at least 0")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read the prompt file: {e}") from None
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    model, tokenizer = load_checkpoint(args.ckpt, args.device)
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    head = tokenizer.decode(ids) if prompt else ""
+    for i in range(args.num_samples):  # one at a time, with seed + i: the same text streamed or not
+        generator = torch.Generator(args.device).manual_seed(args.seed + i)
+        if args.stream:
+            print(head, end="", flush=True)
+            sample(model, tokenizer, ids, args, generator, echo=lambda t: print(t, end="", flush=True))
+            print("\n---------------", flush=True)
+        else:
+            print(head + sample(model, tokenizer, ids, args, generator) + "\n---------------")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SampleError as e:
+        sys.exit(f"error: {e}")
