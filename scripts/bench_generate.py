@@ -1,0 +1,80 @@
+"""Generation speed with and without the KV cache, for several context (prompt) lengths.
+
+    python scripts/bench_generate.py                                  # the CPU config's model, random weights
+    python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 --batch 4
+
+Each run generates --new-tokens tokens greedily after a prompt of each context length (a context equal
+to block_size starts full), --repeats times; the best time counts. Prints a markdown table.
+"""
+
+import argparse
+import time
+
+import torch
+import yaml
+
+from model import ATTENTION_KERNELS, GPT, GPTConfig
+
+
+def build_model(args) -> GPT:
+    if args.ckpt:
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**ckpt["hyper_parameters"]["config"]))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    else:
+        config = yaml.safe_load(open(args.config))
+        shape = {**config["model"]["config"], "block_size": config["data"]["block_size"],
+                 "vocab_size": args.vocab_size, "dropout": 0.0}
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**shape))
+    if args.attn_impl:
+        for block in model.blocks:
+            block.attn.attn_impl = args.attn_impl
+    return model.to(args.device).eval()
+
+
+def tokens_per_sec(model, args, context: int, use_cache: bool) -> float:
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, context), device=args.device)
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        model.generate(prompt, args.new_tokens, temperature=0, use_cache=use_cache)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return args.batch * args.new_tokens / best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml", help="model shape to build")
+    p.add_argument("--ckpt", default=None, help="a checkpoint instead of --config")
+    p.add_argument("--vocab-size", type=int, default=65, help="with --config (65: Tiny Shakespeare characters)")
+    p.add_argument("--attn-impl", default=None, choices=list(ATTENTION_KERNELS), help="override the model's")
+    p.add_argument("--contexts", nargs="+", type=int, default=None, help="prompt lengths (default: 1 .. block_size)")
+    p.add_argument("--new-tokens", type=int, default=500)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args)
+    block = model.config.block_size
+    contexts = args.contexts or sorted({1, block // 4, block // 2, block})
+    print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, block_size {block}, "
+          f"attn_impl {model.blocks[0].attn.attn_impl}, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}\n")
+    print("| context | no cache tokens/s | KV cache tokens/s | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for context in contexts:
+        if context > block:
+            continue
+        plain, cached = tokens_per_sec(model, args, context, False), tokens_per_sec(model, args, context, True)
+        print(f"| {context}{' (full)' if context == block else ''} | {plain:,.0f} | {cached:,.0f} | "
+              f"{cached / plain:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
