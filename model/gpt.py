@@ -155,10 +155,11 @@ class GPT(nn.Module):
                 start = seq.size(1) - keep
                 for cache in caches or []:
                     cache.reset()
+            # self.forward, not self(...): a compiled model would recompile for every new length
             if caches:  # feed only what the cache has not seen
-                logits = self(seq[:, start + caches[0].length:], kv_caches=caches)[0][:, -1]
+                logits = self.forward(seq[:, start + caches[0].length:], kv_caches=caches)[0][:, -1]
             else:
-                logits = self(seq[:, start:])[0][:, -1]
+                logits = self.forward(seq[:, start:])[0][:, -1]
             next_tokens = pick(logits)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
             yield next_tokens, logits

@@ -22,7 +22,8 @@ def build_model(args) -> GPT:
         model = GPT(GPTConfig(**ckpt["hyper_parameters"]["config"]))
         model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     else:
-        config = yaml.safe_load(open(args.config))
+        with open(args.config) as f:
+            config = yaml.safe_load(f)
         shape = {**config["model"]["config"], "block_size": config["data"]["block_size"],
                  "vocab_size": args.vocab_size, "dropout": 0.0}
         torch.manual_seed(0)
