@@ -5,10 +5,11 @@
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --seq-lens 1024 4096 16384
 
 Causal self-attention on random (batch, heads, T, head_dim) inputs. Time is the median of
-``--repeats`` fwd+bwd calls after ``--warmup``; peak memory is what one fwd+bwd adds on top of
-its inputs (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process, so memory
-freed by earlier runs cannot hide it). Prints markdown tables, writes a PNG plot (time and memory
-against T, log scales) and, with --json, the raw figures.
+``--repeats`` fwd+bwd calls after ``--warmup``; peak memory is what one fwd+bwd adds on top of its
+inputs (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process after one small
+warm-up pass, so neither memory freed by earlier runs nor one-time allocations blur it). Prints
+markdown tables, writes a PNG plot (time and memory against T, log scales) and, with --json, the
+raw figures.
 """
 
 import argparse
@@ -93,6 +94,7 @@ def peak_mib_here(args, path: str, T: int) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    fwd_bwd(args, path, min(T, 64))()  # one-time allocations (thread pools, autograd engine) happen here
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident size
     base = _rss_bytes("VmRSS:")
     run()
