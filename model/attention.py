@@ -166,6 +166,8 @@ class MultiHeadAttention(nn.Module):
         computed through the reference path whatever ``attn_impl`` is.
         """
         B, T_q, C = x.shape
+        if self.cross and kv_cache is not None:
+            raise ValueError("kv_cache is for self-attention; cross-attention keys come from the context")
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (the sequence to attend to)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from model import ATTENTION_KERNELS, MultiHeadAttention, causal_mask
+from model import ATTENTION_KERNELS, KVCache, MultiHeadAttention, causal_mask
 
 IMPLS = sorted(ATTENTION_KERNELS)
 MASKABLE = [i for i in IMPLS if i != "flash"]  # flash kernels take no key padding mask
@@ -121,22 +121,21 @@ def run_both(impl, case, dtype=torch.float32):
     return results
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
-@pytest.mark.parametrize("case", list(CASES))
+def servable(impls, cases):
+    """(impl, case) pairs, without key-masked cases for flash (test_flash_refuses_what_it_cannot_serve)."""
+    return [(i, c) for i in impls for c in cases if i in MASKABLE or not CASES[c][3]]
+
+
+@pytest.mark.parametrize("impl,case", servable([i for i in IMPLS if i != "naive"], CASES))
 def test_paths_agree_with_reference_outputs_and_gradients(impl, case):
-    if CASES[case][3] and impl not in MASKABLE:
-        pytest.skip(f"{impl} takes no key mask (test_flash_refuses_what_it_cannot_serve)")
     (y_ref, g_ref), (y, g) = run_both(impl, case)
     torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
     for g_other, g_reference in zip(g, g_ref, strict=True):
         torch.testing.assert_close(g_other, g_reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", ["causal", "cross+padded"])
+@pytest.mark.parametrize("impl,case", servable(IMPLS, ["causal", "cross+padded"]))
 def test_bf16_paths_track_the_fp32_reference(impl, case):
-    if CASES[case][3] and impl not in MASKABLE:
-        pytest.skip(f"{impl} takes no key mask")
     (y_ref, g_ref), (y, g) = run_both(impl, case, dtype=torch.bfloat16)
     torch.testing.assert_close(y, y_ref, atol=BF16_ATOL, rtol=BF16_RTOL)
     torch.testing.assert_close(g[0], g_ref[0], atol=BF16_ATOL, rtol=BF16_RTOL)  # input gradient
@@ -200,6 +199,9 @@ def test_bad_arguments_raise_clear_errors():
         MultiHeadAttention(32, 4, cross=True)(torch.randn(1, 3, 32))
     with pytest.raises(ValueError, match="takes no context"):
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), context=torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match="kv_cache is for self-attention"):
+        MultiHeadAttention(32, 4, cross=True)(torch.randn(1, 3, 32), context=torch.randn(1, 3, 32),
+                                              kv_cache=KVCache(8))
     with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), key_mask=torch.ones(1, 3))
 
