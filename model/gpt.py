@@ -135,7 +135,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _decode(self, idx: Tensor, max_new_tokens: int, pick, use_cache: bool = True) -> Iterator:
         """Yields (next tokens (B,), their logits (B, vocab)) for up to max_new_tokens steps;
         ``pick(logits) -> (B,)`` chooses each step's tokens.
