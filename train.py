@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -142,6 +143,24 @@ class GPTLightningModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+
+
+def load_gpt_checkpoint(path: str, device: str = "cpu"):
+    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py; nothing else needed.
+    Raises ValueError, saying why, for a missing, unreadable or foreign file."""
+    if not Path(path).is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file complete, "
+                         f"and was it written by train.py?") from None
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a GPT checkpoint of this project (it has no model config or tokenizer)")
+    model = GPT(GPTConfig(**config))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
 
 
 class Throughput(ThroughputMonitor):

@@ -80,7 +80,7 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
     T_q, T_k = q.size(-2), k.size(-2)
     mask, is_causal = None, causal
     if causal and T_q != T_k:  # is_causal aligns the triangle top-left; we need bottom-right
-        mask, is_causal = (None if T_q == 1 else causal_lower_right(T_q, T_k)), False
+        mask, is_causal = causal_lower_right(T_q, T_k), False
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)

@@ -14,13 +14,12 @@ import torch
 import yaml
 
 from model import ATTENTION_KERNELS, GPT, GPTConfig
+from train import load_gpt_checkpoint
 
 
 def build_model(args) -> GPT:
     if args.ckpt:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**ckpt["hyper_parameters"]["config"]))
-        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+        model, _ = load_gpt_checkpoint(args.ckpt)
     else:
         with open(args.config) as f:
             config = yaml.safe_load(f)

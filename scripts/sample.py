@@ -16,30 +16,12 @@ from pathlib import Path
 
 import torch
 
-from data import tokenizer_from_dict
-from model import GPT, GPTConfig
 from model.sampling import check_sampling_args
+from train import load_gpt_checkpoint
 
 
 class SampleError(Exception):
     """Bad input to this script, with a message that says what to do."""
-
-
-def load_checkpoint(path: str, device: str):
-    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py."""
-    if not Path(path).is_file():
-        raise SampleError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise SampleError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file complete, "
-                          f"and was it written by train.py?") from None
-    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
-    if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
-        raise SampleError(f"{path} is not a GPT checkpoint of this project (it has no model config or tokenizer)")
-    model = GPT(GPTConfig(**config))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
-    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
 
 
 def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
@@ -112,7 +94,10 @@ def main(argv=None):
         check_sampling_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise SampleError(str(e)) from None
-    model, tokenizer = load_checkpoint(args.ckpt, args.device)
+    try:
+        model, tokenizer = load_gpt_checkpoint(args.ckpt, args.device)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
     ids = prompt_ids(tokenizer, prompt, model.config.block_size)
     head = tokenizer.decode(ids) if prompt else ""
     for i in range(args.num_samples):  # one at a time, with seed + i: the same text streamed or not
