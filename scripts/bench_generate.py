@@ -1,10 +1,10 @@
 """Generation speed with and without the KV cache, for several context (prompt) lengths.
 
     python scripts/bench_generate.py                                  # the CPU config's model, random weights
-    python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 --batch 4
+    python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 --batch 1 4 16
 
-Each run generates --new-tokens tokens greedily after a prompt of each context length (a context equal
-to block_size starts full), --repeats times; the best time counts. Prints a markdown table.
+Each run generates --new-tokens tokens greedily for each batch size after a prompt of each context length
+(a context equal to block_size starts full), --repeats times; the best time counts. Prints a markdown table.
 """
 
 import argparse
@@ -33,8 +33,8 @@ def build_model(args) -> GPT:
     return model.to(args.device).eval()
 
 
-def tokens_per_sec(model, args, context: int, use_cache: bool) -> float:
-    prompt = torch.randint(0, model.config.vocab_size, (args.batch, context), device=args.device)
+def tokens_per_sec(model, args, batch: int, context: int, use_cache: bool) -> float:
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device=args.device)
     best = float("inf")
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -42,7 +42,7 @@ def tokens_per_sec(model, args, context: int, use_cache: bool) -> float:
         if args.device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return args.batch * args.new_tokens / best
+    return batch * args.new_tokens / best
 
 
 def main(argv=None):
@@ -53,7 +53,7 @@ def main(argv=None):
     p.add_argument("--attn-impl", default=None, choices=list(ATTENTION_KERNELS), help="override the model's")
     p.add_argument("--contexts", nargs="+", type=int, default=None, help="prompt lengths (default: 1 .. block_size)")
     p.add_argument("--new-tokens", type=int, default=500)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (rows generated together)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -64,16 +64,18 @@ def main(argv=None):
     block = model.config.block_size
     contexts = args.contexts or sorted({1, block // 4, block // 2, block})
     print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, block_size {block}, "
-          f"attn_impl {model.blocks[0].attn.attn_impl}, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"attn_impl {model.blocks[0].attn.attn_impl}, {args.new_tokens} new tokens, "
           f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}\n")
-    print("| context | no cache tokens/s | KV cache tokens/s | speed-up |")
-    print("| --- | --- | --- | --- |")
-    for context in contexts:
-        if context > block:
-            continue
-        plain, cached = tokens_per_sec(model, args, context, False), tokens_per_sec(model, args, context, True)
-        print(f"| {context}{' (full)' if context == block else ''} | {plain:,.0f} | {cached:,.0f} | "
-              f"{cached / plain:.1f}x |")
+    print("| batch | context | no cache tokens/s | KV cache tokens/s | speed-up |")
+    print("| --- | --- | --- | --- | --- |")
+    for batch in args.batch:
+        for context in contexts:
+            if context > block:
+                continue
+            plain = tokens_per_sec(model, args, batch, context, use_cache=False)
+            cached = tokens_per_sec(model, args, batch, context, use_cache=True)
+            print(f"| {batch} | {context}{' (full)' if context == block else ''} | {plain:,.0f} | {cached:,.0f} | "
+                  f"{cached / plain:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

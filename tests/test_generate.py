@@ -145,12 +145,16 @@ def checkpoint(tmp_path_factory):
 
 
 @functools.cache
-def sample_script():
-    """scripts/sample.py as a module, loaded once (its SampleError must be one class)."""
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "scripts" / "sample.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module, loaded once (so that its exception classes are one class)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def sample_script():
+    return load_script("sample")
 
 
 def run_sample(capsys, *argv) -> str:
@@ -203,3 +207,12 @@ def test_sample_script_rejects_corrupt_checkpoints(checkpoint, tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(sample_script().SampleError, match="not a GPT checkpoint of this project"):
         sample_script().main(["--ckpt", str(other)])
+
+
+def test_generation_benchmark_prints_a_row_per_batch_and_context(capsys):
+    bench = load_script("bench_generate")
+    bench.main(["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--contexts", "1", "64",
+                "--batch", "1", "2", "--new-tokens", "3", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 1", "1"], ["| 1", "64 (full)"], ["| 2", "1"],
+                                                       ["| 2", "64 (full)"]]
