@@ -101,8 +101,9 @@ ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _fla
 
 
 class KVCache:
-    """Keys and values of the tokens one attention layer has seen, so each generation step feeds only
-    the new tokens. Buffers of ``max_len`` positions are allocated on first use and filled in place."""
+    """Keys and values one attention layer has seen, kept for the next decoding steps: a self-attention's
+    grow by the new tokens at each step; a cross-attention's hold the projected context, computed once.
+    Buffers of ``max_len`` positions are allocated on first use and filled in place."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
@@ -120,10 +121,19 @@ class KVCache:
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.stored()
+
+    def stored(self) -> tuple[Tensor, Tensor]:
+        """The keys and values stored so far, (B, nh, length, hs) each."""
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def reset(self):
         self.length = 0
+
+    def reorder(self, index: Tensor):
+        """Keep rows ``index`` (B_new,) of the batch, in that order (beam search)."""
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):
@@ -160,35 +170,39 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
                 return_weights: bool = False, kv_cache: KVCache | None = None):
         """x: (B, T_q, C); context: (B, T_k, C), cross-attention only; key_mask: (B, T_k) bool;
-        kv_cache: self-attention's keys and values of earlier tokens, extended with these.
+        kv_cache: self-attention: the keys and values of earlier tokens, extended with these;
+        cross-attention: the context's, projected on the first call (an empty cache) and reused after
+        (the context may then be None).
 
         Returns y (B, T_q, C); with ``return_weights=True``, (y, weights (B, nh, T_q, T_k)),
         computed through the reference path whatever ``attn_impl`` is.
         """
         B, T_q, C = x.shape
-        if self.cross and kv_cache is not None:
-            raise ValueError("kv_cache is for self-attention; cross-attention keys come from the context")
         if self.cross:
-            if context is None:
+            q = self._split_heads(self.q_proj(x))  # (B, nh, T_q, hs)
+            if kv_cache is not None and kv_cache.length > 0:
+                k, v = kv_cache.stored()  # the context's, projected at the first step
+            elif context is None:
                 raise ValueError("cross-attention needs a context (the sequence to attend to)")
-            q = self.q_proj(x)
-            k, v = self.kv_proj(context).split(C, dim=2)
+            else:
+                k, v = map(self._split_heads, self.kv_proj(context).split(C, dim=2))  # (B, nh, T_k, hs)
+                if kv_cache is not None:
+                    kv_cache.append(k, v)
         else:
             if context is not None:
                 raise ValueError("self-attention takes no context; build the module with cross=True")
-            q, k, v = self.qkv_proj(x).split(C, dim=2)
-        T_k = k.size(1) + (kv_cache.length if kv_cache is not None else 0)
+            q, k, v = map(self._split_heads, self.qkv_proj(x).split(C, dim=2))  # (B, nh, T_q, hs)
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)  # (B, nh, T_past + T_q, hs)
+        T_k = k.size(2)
         if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, T_k)):
             raise ValueError(f"key_mask must be a bool tensor of shape {(B, T_k)} (True = real key), "
                              f"got {key_mask.dtype} {tuple(key_mask.shape)}")
-        q, k, v = map(self._split_heads, (q, k, v))  # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, nh, T_past + T_q, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
         causal = self.causal and T_q > 1  # a single (newest) query sees every key: no mask needed
 
         if return_weights:
-            mask = build_mask(T_q, k.size(2), causal, key_mask, x.device)
+            mask = build_mask(T_q, T_k, causal, key_mask, x.device)
             y, weights = naive_attention(q, k, v, mask, dropout_p)
         else:
             kernel = ATTENTION_KERNELS[self.attn_impl]

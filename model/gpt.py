@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
+from .attention import ATTENTION_KERNELS, KVCache
+from .block import Block
 from .sampling import check_sampling_args, sample_next
 
 
@@ -41,37 +42,6 @@ class GPTConfig:
             raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
 
 
-class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
-        super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
-        self.out_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.out_proj(self.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
-
-    ``config`` needs ``n_embd, n_head, dropout, bias, attn_impl``.
-    """
-
-    def __init__(self, config, causal: bool):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
-                                       attn_impl=config.attn_impl, causal=causal)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config.n_embd, config.dropout, config.bias)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
-        return x + self.mlp(self.ln_2(x))
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -79,7 +49,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
+                                          attn_impl=config.attn_impl, causal=True) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds

@@ -190,6 +190,20 @@ def test_attention_dropout_is_active_only_in_training():
     assert not torch.allclose(attn(x), attn(x))
 
 
+def test_cross_attention_cache_projects_the_context_once():
+    attn = MultiHeadAttention(32, 4, cross=True).eval()
+    x, context = torch.randn(2, 3, 32), torch.randn(2, 5, 32)
+    key_mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
+    cache = KVCache(5)
+    first = attn(x[:, :1], context, key_mask=key_mask, kv_cache=cache)
+    assert cache.length == 5
+    calls = []
+    attn.kv_proj.register_forward_hook(lambda *_: calls.append(1))
+    later = attn(x[:, 1:], None, key_mask=key_mask, kv_cache=cache)  # no context needed any more
+    assert not calls and cache.length == 5
+    torch.testing.assert_close(torch.cat([first, later], 1), attn(x, context, key_mask=key_mask))
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="divisible by n_head"):
         MultiHeadAttention(30, 4)
@@ -199,9 +213,6 @@ def test_bad_arguments_raise_clear_errors():
         MultiHeadAttention(32, 4, cross=True)(torch.randn(1, 3, 32))
     with pytest.raises(ValueError, match="takes no context"):
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), context=torch.randn(1, 3, 32))
-    with pytest.raises(ValueError, match="kv_cache is for self-attention"):
-        MultiHeadAttention(32, 4, cross=True)(torch.randn(1, 3, 32), context=torch.randn(1, 3, 32),
-                                              kv_cache=KVCache(8))
     with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
         MultiHeadAttention(32, 4)(torch.randn(1, 3, 32), key_mask=torch.ones(1, 3))
 
