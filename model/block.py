@@ -4,9 +4,45 @@
 * The seq2seq encoder: bidirectional self-attention (with a key padding mask), MLP.
 """
 
+import math
+
 from torch import Tensor, nn
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
+
+
+def check_config(config, positive: tuple[str, ...]) -> None:
+    """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width, dropout in [0, 1)
+    and an attention path that can serve it. Raises ValueError naming the field and the fix."""
+    name = type(config).__name__
+    for field in positive:
+        if getattr(config, field) < 1:
+            raise ValueError(f"{name}.{field} must be at least 1, got {getattr(config, field)}")
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(f"{name}.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): "
+                         f"each head gets n_embd / n_head dimensions")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
+    if config.attn_impl not in ATTENTION_KERNELS:
+        raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of {sorted(ATTENTION_KERNELS)}")
+    if config.attn_impl == "tiled" and config.dropout > 0:
+        raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
+
+
+def _init_linear_and_embedding(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and the projections that write into the
+    residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer blocks adding to one stream."""
+    model.apply(_init_linear_and_embedding)
+    for name, p in model.named_parameters():
+        if name.endswith("out_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
 class MLP(nn.Module):

@@ -2,7 +2,6 @@
 blocks of causal self-attention and MLP, a final LayerNorm and an LM head tied
 to the token embedding (GPT-2's layout and initialisation)."""
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -10,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ATTENTION_KERNELS, KVCache
-from .block import Block
+from .attention import KVCache
+from .block import Block, check_config, init_weights
 from .sampling import check_sampling_args, sample_next
 
 
@@ -27,19 +26,7 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled"; see model/attention.py
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                             f"each head gets n_embd / n_head dimensions")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.attn_impl not in ATTENTION_KERNELS:
-            raise ValueError(f"GPTConfig.attn_impl {self.attn_impl!r} is unknown; "
-                             f"choose one of {sorted(ATTENTION_KERNELS)}")
-        if self.attn_impl == "tiled" and self.dropout > 0:
-            raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
+        check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
 
 
 class GPT(nn.Module):
@@ -55,18 +42,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
 
-        self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_weights(self, config.n_layer)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token embedding
