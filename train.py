@@ -1,11 +1,13 @@
-"""Train a GPT with Lightning from the command line.
+"""Train a GPT, or a seq2seq Transformer for translation, with Lightning from the command line.
 
     python train.py fit --config configs/shakespeare_char_cpu.yaml --data.source path/to/input.txt
+    python train.py fit --config configs/multi30k_de_en.yaml --data.source ../shared/data/multi30k
     python train.py fit --config configs/shakespeare_char_cpu.yaml --model.config.n_layer 2 --trainer.max_steps 500
     python train.py fit --config configs/shakespeare_char_cpu.yaml --print_config
     python train.py fit --config configs/shakespeare_char_cpu.yaml --ckpt_path runs/.../checkpoints/last.ckpt
 
 Options come from the YAML files in configs/ and can be overridden on the command line, later flags winning.
+A config's top-level ``kind`` (``gpt``, the default, or ``seq2seq``) picks the model and data classes.
 """
 
 import math
@@ -16,8 +18,10 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -25,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from data import LMDataModule, tokenizer_from_dict
-from model import GPT, GPTConfig
+from data.translation import TranslationDataModule, token_batches
+from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer, beam_search, greedy_search
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -47,7 +52,52 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class GPTLightningModule(L.LightningModule):
+class TrainModule(L.LightningModule):
+    """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr`` stepped per
+    optimizer step, and the tokenizer, taken from the data module and saved in every checkpoint.
+    Subclasses set ``self.model`` (with a ``config``) and ``kind``."""
+
+    kind: str
+
+    def setup(self, stage: str):
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            if tokenizer.vocab_size != self.model.config.vocab_size:
+                raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the model was built "
+                                 f"for {self.model.config.vocab_size}; train and resume with the same tokenizer")
+            self.tokenizer = tokenizer
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay_steps = hp.lr_decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps < 1:
+            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps or "
+                             "--model.lr_decay_steps")
+        # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses to clip
+        # the gradients of a fused optimizer under mixed precision, so AMP runs take the multi-tensor (foreach)
+        # one, which is not PyTorch's default on CPU (that is a Python loop over the parameters).
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        fused = self.device.type in ("cuda", "cpu") and not mixed
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                      fused=fused, foreach=not fused)
+        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
+                           min_ratio=hp.min_lr / hp.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["model_kind"] = self.kind
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.to_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        if checkpoint.get("model_kind", "gpt") != self.kind:
+            raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a {self.kind} run")
+        if "tokenizer" in checkpoint:
+            self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+
+
+class GPTLightningModule(TrainModule):
     """Trains ``model.GPT``: AdamW, linear warmup then cosine decay to ``min_lr``, stepped per optimizer step.
 
     Args:
@@ -63,6 +113,8 @@ class GPTLightningModule(L.LightningModule):
         val_sample_tokens: tokens per sample.
     """
 
+    kind = "gpt"
+
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 100, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), compile: bool = False, val_samples: int = 2,
@@ -75,14 +127,6 @@ class GPTLightningModule(L.LightningModule):
         self.model = GPT(config)
         self.tokenizer = None  # taken from the data module; saved in every checkpoint
         self._flops_shape = None
-
-    def setup(self, stage: str):
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            if tokenizer.vocab_size != self.model.config.vocab_size:
-                raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the model was built "
-                                 f"for {self.model.config.vocab_size}; train and resume with the same tokenizer")
-            self.tokenizer = tokenizer
 
     def configure_model(self):
         if self.hparams.compile:
@@ -118,36 +162,125 @@ class GPTLightningModule(L.LightningModule):
             if isinstance(logger, WandbLogger):
                 logger.log_text("val/samples", columns=["step", "sample"], data=[[self.global_step, t] for t in texts])
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        decay_steps = hp.lr_decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 1:
-            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps or "
-                             "--model.lr_decay_steps")
-        # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses to clip
-        # the gradients of a fused optimizer under mixed precision, so AMP runs take the multi-tensor (foreach)
-        # one, which is not PyTorch's default on CPU (that is a Python loop over the parameters).
-        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
-        fused = self.device.type in ("cuda", "cpu") and not mixed
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=fused, foreach=not fused)
-        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
-                           min_ratio=hp.min_lr / hp.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint):
-        if self.tokenizer is not None:
-            checkpoint["tokenizer"] = self.tokenizer.to_dict()
-
-    def on_load_checkpoint(self, checkpoint):
-        if "tokenizer" in checkpoint:
-            self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size: int = 1, alpha: float = 0.6,
+              max_tokens: int = 4000) -> list[str]:
+    """Translate ``texts`` (detokenized strings in, detokenized strings out), in batches of similar length of
+    at most ``max_tokens`` source tokens; beam_size 1 is greedy search. The model must be in eval mode."""
+    ids = tokenizer.encode_batch(texts)
+    limit = model.config.max_len
+    too_long = [i for i, row in enumerate(ids) if len(row) > limit]
+    if too_long:
+        raise ValueError(f"line {too_long[0] + 1} is {len(ids[too_long[0]])} tokens long; this model reads at most "
+                         f"{limit} (its max_len): split it into shorter sentences")
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(texts)
+    for index in token_batches(np.array([max(1, len(r)) for r in ids]), max(max_tokens, limit) // beam_size):
+        src = torch.full((len(index), max(1, max(len(ids[i]) for i in index))), model.config.pad_id, dtype=torch.long)
+        for row, i in enumerate(index):
+            src[row, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+        src = src.to(device)
+        hyps = greedy_search(model, src) if beam_size == 1 else beam_search(model, src, beam_size, alpha)
+        for i, hyp in zip(index, hyps, strict=True):
+            out[i] = tokenizer.decode(hyp)
+    return out
 
 
-def load_gpt_checkpoint(path: str, device: str = "cpu"):
-    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py; nothing else needed.
-    Raises ValueError, saying why, for a missing, unreadable or foreign file."""
+def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """sacreBLEU on detokenized text: the standard cased score and the lowercased one."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "bleu_lc": sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True).score}
+
+
+class Seq2SeqLightningModule(TrainModule):
+    """Trains ``model.Seq2SeqTransformer`` on batches of (src, tgt_in, tgt_out) from ``TranslationDataModule``.
+
+    Args:
+        config: the model's shape (``vocab_size`` and ``max_len`` come from the data).
+        lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas: as for GPTLightningModule.
+        val_bleu: translate the validation set with greedy search at each validation and log sacreBLEU
+            (``val/bleu``, ``val/bleu_lc``), with a few examples.
+        beam_size: beam for the BLEU at the end of training (``final/bleu``) and ``scripts/translate.py``'s default.
+        length_penalty: alpha of GNMT's length penalty for beam search.
+    """
+
+    kind = "seq2seq"
+
+    def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3, min_lr: float = 1e-4,
+                 warmup_steps: int = 400, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.98), val_bleu: bool = True, beam_size: int = 4,
+                 length_penalty: float = 0.6):
+        super().__init__()
+        if isinstance(config, dict):
+            config = Seq2SeqConfig(**config)
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = asdict(config)
+        self.model = Seq2SeqTransformer(config)
+        self.tokenizer = None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        src, tgt_in, _ = batch  # read by Throughput
+        self.flops_per_batch = self.model.flops_per_batch(src.numel(), tgt_in.numel())
+
+    def training_step(self, batch, batch_idx):
+        src, tgt_in, tgt_out = batch
+        _, loss = self.model(src, tgt_in, tgt_out)
+        self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        src, tgt_in, tgt_out = batch
+        _, loss = self.model(src, tgt_in, tgt_out)
+        tokens = int((tgt_out != self.model.config.pad_id).sum())  # the mean over batches weighs them by tokens
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
+
+    def evaluate_bleu(self, beam_size: int = 1) -> tuple[dict[str, float], list[str]]:
+        """sacreBLEU of the model's translations of the data module's validation pairs, and the translations."""
+        sources, references = self.trainer.datamodule.texts["val"]
+        hypotheses = translate(self.model, self.tokenizer, sources, beam_size, self.hparams.length_penalty)
+        return bleu(hypotheses, references), hypotheses
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or not self.hparams.val_bleu or not self.trainer.is_global_zero:
+            return
+        scores, hypotheses = self.evaluate_bleu()
+        self.log_dict({f"val/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        sources, references = self.trainer.datamodule.texts["val"]
+        examples = [[self.global_step, sources[i], hypotheses[i], references[i]] for i in range(3)]
+        rank_zero_info(f"\nStep {self.global_step}: val sacreBLEU {scores['bleu']:.2f} (lowercase "
+                       f"{scores['bleu_lc']:.2f}), greedy\n" + "\n".join(f"  {s}\n  -> {h}\n  (ref: {r})"
+                                                                    for _, s, h, r in examples))
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text("val/translations", columns=["step", "source", "translation", "reference"],
+                                data=examples)
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer step (Lightning's
+    WeightAveraging): validation runs on it, checkpoints store it as the model's weights, and the model
+    ends training with it.
+
+    Args:
+        decay: weight of the average at each update (0.998: about the last 500 steps), reached gradually:
+            update n uses min(decay, (1 + n) / (10 + n)), so the random initial weights fade out early.
+    """
+
+    def __init__(self, decay: float = 0.998):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+
+        @torch.no_grad()
+        def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor):
+            weight = 1.0 - min(decay, (1.0 + n_averaged.item()) / (10.0 + n_averaged.item()))
+            torch._foreach_lerp_(averaged, current, weight)
+
+        super().__init__(multi_avg_fn=update, use_buffers=True)
+
+
+def _read_checkpoint(path: str, device: str, kind: str) -> dict:
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}")
     try:
@@ -157,10 +290,28 @@ def load_gpt_checkpoint(path: str, device: str = "cpu"):
                          f"and was it written by train.py?") from None
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a GPT checkpoint of this project (it has no model config or tokenizer)")
-    model = GPT(GPTConfig(**config))
+        raise ValueError(f"{path} is not a checkpoint of this project (it has no model config or tokenizer)")
+    if ckpt.get("model_kind", "gpt") != kind:
+        raise ValueError(f"{path} holds a {ckpt['model_kind']} model, not a {kind} one")
+    return ckpt
+
+
+def _load_model(path: str, device: str, kind: str, model_class, config_class):
+    ckpt = _read_checkpoint(path, device, kind)
+    model = model_class(config_class(**ckpt["hyper_parameters"]["config"]))
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def load_gpt_checkpoint(path: str, device: str = "cpu"):
+    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py; nothing else needed.
+    Raises ValueError, saying why, for a missing, unreadable or foreign file."""
+    return _load_model(path, device, "gpt", GPT, GPTConfig)
+
+
+def load_seq2seq_checkpoint(path: str, device: str = "cpu"):
+    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see ``load_gpt_checkpoint``."""
+    return _load_model(path, device, "seq2seq", Seq2SeqTransformer, Seq2SeqConfig)
 
 
 class Throughput(ThroughputMonitor):
@@ -186,11 +337,12 @@ class Throughput(ThroughputMonitor):
                 throughput.available_flops = self.peak_flops
 
 
-class GPTCLI(LightningCLI):
+class CLI(LightningCLI):
+    """The options both kinds share: checkpoints (best by val/loss, and last), the learning rate and
+    throughput monitors, and ``kind`` (read by ``main`` to pick the classes)."""
+
     def add_arguments_to_parser(self, parser):
-        # the data decides the context length and the vocabulary; the model follows
-        parser.link_arguments("data.block_size", "model.config.block_size")
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.add_argument("--kind", choices=list(KINDS), default="gpt", help="the model to train")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{step}"})
@@ -202,6 +354,55 @@ class GPTCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} (val/loss {ckpt.best_model_score:.4f})")
+
+
+class GPTCLI(CLI):
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        # the data decides the context length and the vocabulary; the model follows
+        parser.link_arguments("data.block_size", "model.config.block_size")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+
+class Seq2SeqCLI(CLI):
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.max_len", "model.config.max_len")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def after_fit(self):
+        super().after_fit()
+        module = self.model
+        if not self.trainer.is_global_zero or self.trainer.interrupted or module.tokenizer is None:
+            return
+        module.eval()  # the final weights (the EMA's, with that callback)
+        scores, _ = module.evaluate_bleu(module.hparams.beam_size)
+        rank_zero_info(f"Final val sacreBLEU (beam {module.hparams.beam_size}, length penalty "
+                       f"{module.hparams.length_penalty}): {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
+                       f"lowercase")
+        for logger in self.trainer.loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.trainer.global_step)
+            logger.save()
+
+
+KINDS = {"gpt": (GPTCLI, GPTLightningModule, LMDataModule),
+         "seq2seq": (Seq2SeqCLI, Seq2SeqLightningModule, TranslationDataModule)}
+
+
+def model_kind(args: list[str]) -> str:
+    """The ``kind`` the command line asks for: ``--kind K``, else the last ``--config`` file that sets one."""
+    kind = "gpt"
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+        if arg.split("=", 1)[0] == "--config" and value and Path(value).is_file():
+            with open(value) as f:
+                config = yaml.safe_load(f)
+            kind = config.get("kind", kind) if isinstance(config, dict) else kind
+        elif arg.split("=", 1)[0] == "--kind" and value:
+            kind = value
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind
 
 
 TRAINER_DEFAULTS = {
@@ -216,8 +417,8 @@ TRAINER_DEFAULTS = {
 
 def main(args=None):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    return GPTCLI(GPTLightningModule, LMDataModule, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS,
-                  args=args)
+    cli, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
+    return cli(module, data, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS, args=args)
 
 
 if __name__ == "__main__":

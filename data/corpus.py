@@ -182,10 +182,12 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
-def load_hub(dataset_id: str):
+def load_hub(dataset_id: str, hint: str = f"e.g. --data.source path/to/input.txt (Tiny Shakespeare is "
+                                           f"{TINY_SHAKESPEARE_URL})"):
     """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
 
-    Offline and not cached, fails at once (instead of ~20 s of retries)."""
+    Offline and not cached, fails at once (instead of ~20 s of retries), with ``hint`` saying where
+    else the data can come from."""
     from datasets import load_dataset
 
     with contextlib.suppress(Exception), _hub_offline():
@@ -194,13 +196,12 @@ def load_hub(dataset_id: str):
             or not hub_reachable():
         raise DataSourceError(
             f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub cannot be reached "
-            f"(offline). Pass a local file, folder or glob instead, e.g. --data.source path/to/input.txt "
-            f"(Tiny Shakespeare is {TINY_SHAKESPEARE_URL}).")
+            f"(offline). Pass a local path instead: {hint}.")
     try:
         return _hub_splits(load_dataset(dataset_id), dataset_id)
     except Exception as e:
         raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: {e}. "
-                              f"Download its text and pass the local file with --data.source instead.") from e
+                              f"Download its text and pass a local path instead: {hint}.") from e
 
 
 def _hub_splits(ds, dataset_id: str):

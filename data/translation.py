@@ -1,0 +1,232 @@
+"""Parallel text for translation: loading pairs with ``datasets``, a joint BPE vocabulary, and batches
+grouped by length under a token budget.
+
+Sources (``TranslationDataModule(source=...)``):
+
+* a folder of aligned line files ``{train,val}.<src_lang>[.gz]`` and ``{train,val}.<tgt_lang>[.gz]``
+  (line i of one translates line i of the other), e.g. the Multi30k copy in ``../shared/data/multi30k``;
+* a folder with ``train.jsonl[.gz]`` and ``val.jsonl[.gz]``, one pair per line:
+  ``{"de": "...", "en": "..."}`` or ``{"translation": {"de": "...", "en": "..."}}``;
+* a hub dataset id with such columns and train/validation splits, e.g. ``bentrevett/multi30k``.
+
+Cleaning, reported as it happens: files of different line counts are rejected; pairs with an empty
+side are dropped; pairs longer than ``max_len`` tokens (source, or target plus bos/eos) are dropped.
+"""
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset
+
+from .corpus import HUB_ID, DataSourceError, load_hub
+from .tokenizers import BPETokenizer
+
+MULTI30K_HINT = ("the Multi30k text is at https://github.com/multi30k/dataset (data/task1/raw); a folder with "
+                 "train.de.gz, train.en.gz, val.de.gz and val.en.gz works with --data.source path/to/folder")
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    return next((folder / f"{stem}{gz}" for gz in ("", ".gz") if (folder / f"{stem}{gz}").is_file()), None)
+
+
+def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
+    """DatasetDict train/val of {src_lang, tgt_lang} columns from aligned line files."""
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    splits = {}
+    for split in ("train", "val"):
+        files = {lang: _find(folder, f"{split}.{lang}") for lang in (src_lang, tgt_lang)}
+        missing = [f"{split}.{lang}[.gz]" for lang, f in files.items() if f is None]
+        if missing:
+            raise DataSourceError(f"{folder} has no {' or '.join(missing)}: a translation folder needs "
+                                  f"train.{src_lang}, train.{tgt_lang}, val.{src_lang} and val.{tgt_lang} "
+                                  f"(optionally gzipped), or train.jsonl and val.jsonl")
+        lines = {}
+        for lang, path in files.items():
+            try:
+                lines[lang] = load_dataset("text", data_files=str(path), split="train")["text"]
+            except Exception as e:
+                cause = e.__cause__ or e
+                raise DataSourceError(f"could not read {path}: {type(cause).__name__}: {cause}. "
+                                      f"Text files must be UTF-8.") from e
+        n_src, n_tgt = len(lines[src_lang]), len(lines[tgt_lang])
+        if n_src != n_tgt:
+            raise DataSourceError(f"{files[src_lang]} has {n_src} lines but {files[tgt_lang]} has {n_tgt}: "
+                                  f"the files must be aligned line by line (line i translates line i)")
+        splits[split] = Dataset.from_dict(lines)
+    return DatasetDict(splits)
+
+
+def _load_jsonl_pairs(folder: Path):
+    from datasets import load_dataset
+
+    files = {split: _find(folder, f"{split}.jsonl") for split in ("train", "val")}
+    try:
+        return load_dataset("json", data_files={split: str(f) for split, f in files.items()})
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise DataSourceError(f"could not read {folder}/train.jsonl and val.jsonl: {type(cause).__name__}: "
+                              f"{cause}") from e
+
+
+def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[list[str], list[str]]]:
+    """{"train": (sources, targets), "val": (...)} as lists of stripped strings, pairs with an empty side dropped."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        ds = _load_jsonl_pairs(folder) if _find(folder, "train.jsonl") and _find(folder, "val.jsonl") \
+            else _load_line_pairs(folder, src_lang, tgt_lang)
+    elif HUB_ID.match(source) and not folder.exists():
+        ds = load_hub(source, hint=MULTI30K_HINT)
+        if "val" not in ds:
+            raise DataSourceError(f"hub dataset {source!r} has no validation split")
+    else:
+        raise DataSourceError(f"{source} is not a folder of parallel text files nor a hub dataset id; "
+                              f"{MULTI30K_HINT}")
+    pairs = {}
+    for split in ("train", "val"):
+        sources, targets = _columns(ds[split], src_lang, tgt_lang, source)
+        kept = [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True) if s.strip() and t.strip()]
+        if len(kept) < len(sources):
+            rank_zero_info(f"{source} {split}: dropped {len(sources) - len(kept)} of {len(sources)} pairs with an "
+                           f"empty side")
+        if not kept:
+            raise DataSourceError(f"{source} has no {split} pairs with text on both sides")
+        pairs[split] = ([s for s, _ in kept], [t for _, t in kept])
+    return pairs
+
+
+def _columns(ds, src_lang: str, tgt_lang: str, source: str) -> tuple[list[str], list[str]]:
+    if "translation" in ds.column_names:
+        ds = ds.flatten().rename_columns({f"translation.{lang}": lang for lang in (src_lang, tgt_lang)
+                                          if f"translation.{lang}" in ds.flatten().column_names})
+    missing = [lang for lang in (src_lang, tgt_lang) if lang not in ds.column_names]
+    if missing:
+        raise DataSourceError(f"{source} has no {missing} column (it has {ds.column_names}); set "
+                              f"--data.src_lang and --data.tgt_lang to its language keys")
+    return ds[src_lang], ds[tgt_lang]
+
+
+def token_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, each at most ``max_tokens`` once padded
+    (rows x longest row). With ``rng``: ties in length broken at random and the batches shuffled."""
+    tiebreak = rng.random(len(lengths)) if rng is not None else np.arange(len(lengths))
+    order = np.lexsort((tiebreak, lengths))
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * lengths[order[end]] > max_tokens:
+            batches.append(order[start:end])
+            start = end
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+class PairBatches(IterableDataset):
+    """Padded (src, tgt_in, tgt_out) batches of token-id pairs, regrouped and reshuffled at every pass.
+    Each rank of a multi-process run takes every world_size-th batch (the same number on every rank)."""
+
+    def __init__(self, src: list[list[int]], tgt: list[list[int]], max_tokens: int, shuffle: bool, seed: int = 0,
+                 pad_id: int = BPETokenizer.pad_id, bos_id: int = BPETokenizer.bos_id,
+                 eos_id: int = BPETokenizer.eos_id):
+        self.src, self.tgt = src, tgt
+        self.lengths = np.array([max(len(s), len(t) + 1) for s, t in zip(src, tgt, strict=True)])
+        self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.epoch, self.rank, self.world_size = 0, 0, 1
+
+    def _batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed + self.epoch) if self.shuffle else None
+        batches = token_batches(self.lengths, self.max_tokens, rng)
+        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
+        return batches[self.rank:usable:self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def _pad(self, rows: list[list[int]]) -> torch.Tensor:
+        out = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row)
+        return out
+
+    def __iter__(self):
+        batches = self._batches()
+        self.epoch += 1
+        for index in batches:
+            src = self._pad([self.src[i] for i in index])
+            tgt_in = self._pad([[self.bos_id, *self.tgt[i]] for i in index])
+            tgt_out = self._pad([[*self.tgt[i], self.eos_id] for i in index])
+            yield src, tgt_in, tgt_out
+
+
+class TranslationDataModule(L.LightningDataModule):
+    """Parallel text for ``Seq2SeqTransformer``: a joint BPE vocabulary trained on the training split only,
+    and batches of similar-length pairs under a token budget.
+
+    Args:
+        source: a folder of parallel files or a hub dataset id (see the module docstring).
+        src_lang: source language key (file suffix, JSON key or column).
+        tgt_lang: target language key.
+        vocab_size: size of the joint BPE vocabulary, special tokens included.
+        max_len: longest source, or target with bos or eos, in tokens; longer pairs are dropped.
+        max_tokens: tokens per training batch and side, padding included.
+        seed: seed of the batch shuffling (epoch e uses seed + e).
+    """
+
+    def __init__(self, source: str = "bentrevett/multi30k", src_lang: str = "de", tgt_lang: str = "en",
+                 vocab_size: int = 8000, max_len: int = 128, max_tokens: int = 3000, seed: int = 0):
+        super().__init__()
+        if not re.fullmatch(r"[\w-]+", src_lang) or not re.fullmatch(r"[\w-]+", tgt_lang) or src_lang == tgt_lang:
+            raise ValueError(f"src_lang and tgt_lang must be two different language keys, got {src_lang!r}, "
+                             f"{tgt_lang!r}")
+        if max_tokens < max_len:
+            raise ValueError(f"max_tokens ({max_tokens}) must be at least max_len ({max_len}), so that the longest "
+                             f"pair fits in a batch")
+        self.save_hyperparameters()
+
+    @cached_property
+    def texts(self) -> dict[str, tuple[list[str], list[str]]]:
+        hp = self.hparams
+        return load_pairs(hp.source, hp.src_lang, hp.tgt_lang)
+
+    @cached_property
+    def tokenizer(self) -> BPETokenizer:
+        sources, targets = self.texts["train"]
+        return BPETokenizer.train(sources + targets, self.hparams.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @cached_property
+    def ids(self) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+        """Token ids of each split, pairs longer than max_len dropped (and reported)."""
+        out, limit = {}, self.hparams.max_len
+        for split, (sources, targets) in self.texts.items():
+            src, tgt = self.tokenizer.encode_batch(sources), self.tokenizer.encode_batch(targets)
+            keep = [i for i in range(len(src)) if len(src[i]) <= limit and len(tgt[i]) + 1 <= limit]
+            if len(keep) < len(src):
+                rank_zero_info(f"{split}: dropped {len(src) - len(keep)} of {len(src)} pairs longer than max_len "
+                               f"({limit} tokens)")
+            out[split] = ([src[i] for i in keep], [tgt[i] for i in keep])
+        return out
+
+    def _dataset(self, split: str, shuffle: bool) -> PairBatches:
+        data = PairBatches(*self.ids[split], self.hparams.max_tokens, shuffle, seed=self.hparams.seed)
+        if self.trainer is not None:
+            data.rank, data.world_size = self.trainer.global_rank, self.trainer.world_size
+        return data
+
+    def setup(self, stage: str):
+        self.ids  # noqa: B018  load, train the vocabulary and tokenize once, before any loader
+
+    def train_dataloader(self):
+        return DataLoader(self._dataset("train", shuffle=True), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(self._dataset("val", shuffle=False), batch_size=None)
