@@ -174,9 +174,12 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
         raise ValueError(f"line {too_long[0] + 1} is {len(ids[too_long[0]])} tokens long; this model reads at most "
                          f"{limit} (its max_len): split it into shorter sentences")
     device = next(model.parameters()).device
-    out: list[str] = [""] * len(texts)
-    for index in token_batches(np.array([max(1, len(r)) for r in ids]), max(max_tokens, limit) // beam_size):
-        src = torch.full((len(index), max(1, max(len(ids[i]) for i in index))), model.config.pad_id, dtype=torch.long)
+    out: list[str] = [""] * len(texts)  # an empty line translates to an empty line
+    nonempty = np.array([i for i, row in enumerate(ids) if row], dtype=np.int64)
+    lengths = np.array([len(ids[i]) for i in nonempty])
+    for batch in token_batches(lengths, max(max_tokens, limit) // beam_size):
+        index = nonempty[batch]
+        src = torch.full((len(index), max(len(ids[i]) for i in index)), model.config.pad_id, dtype=torch.long)
         for row, i in enumerate(index):
             src[row, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
         src = src.to(device)

@@ -63,15 +63,17 @@ def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
 
 
 def _load_jsonl_pairs(folder: Path):
-    from datasets import load_dataset
+    from datasets import DatasetDict, load_dataset
 
-    files = {split: _find(folder, f"{split}.jsonl") for split in ("train", "val")}
-    try:
-        return load_dataset("json", data_files={split: str(f) for split, f in files.items()})
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise DataSourceError(f"could not read {folder}/train.jsonl and val.jsonl: {type(cause).__name__}: "
-                              f"{cause}") from e
+    splits = {}
+    for split in ("train", "val"):  # one at a time: the two files may lay their pairs out differently
+        path = _find(folder, f"{split}.jsonl")
+        try:
+            splits[split] = load_dataset("json", data_files=str(path), split="train")
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise DataSourceError(f"could not read {path}: {type(cause).__name__}: {cause}") from e
+    return DatasetDict(splits)
 
 
 def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[list[str], list[str]]]:

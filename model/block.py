@@ -29,20 +29,20 @@ def check_config(config, positive: tuple[str, ...]) -> None:
         raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
 
 
-def _init_linear_and_embedding(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2's initialisation: N(0, std) weights (0.02 in GPT-2), zero biases, and the projections that write
+    into the residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer blocks adding to one
+    stream."""
+    def init(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-
-def init_weights(model: nn.Module, n_layer: int) -> None:
-    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and the projections that write into the
-    residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer blocks adding to one stream."""
-    model.apply(_init_linear_and_embedding)
+    model.apply(init)
     for name, p in model.named_parameters():
         if name.endswith("out_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
 
 class MLP(nn.Module):

@@ -34,6 +34,7 @@ class Seq2SeqConfig:
     bias: bool = True
     attn_impl: str = "sdpa"  # "naive", "sdpa" or "tiled": padded batches need key masks, which "flash" cannot take
     label_smoothing: float = 0.1
+    init_std: float = 0.02  # std of the initial weights (GPT-2's 0.02); see model/block.py:init_weights
     pad_id: int = 0  # special token ids, fixed by the tokenizer (data.BPETokenizer)
     bos_id: int = 1
     eos_id: int = 2
@@ -85,7 +86,7 @@ class Seq2SeqTransformer(nn.Module):
         self.ln_dec = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
-        init_weights(self, c.n_encoder_layer + c.n_decoder_layer)
+        init_weights(self, c.n_encoder_layer + c.n_decoder_layer, c.init_std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once

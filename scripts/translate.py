@@ -1,0 +1,97 @@
+"""Translate with a trained seq2seq checkpoint, or score it with sacreBLEU on a parallel file pair.
+
+    python scripts/translate.py --ckpt runs/multi30k_de_en/version_0/checkpoints/last.ckpt --text "Ein Hund rennt."
+    python scripts/translate.py --ckpt model.ckpt --file sentences.de > sentences.en      # one sentence per line
+    cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1             # stdin, greedy
+    python scripts/translate.py --ckpt model.ckpt --eval val.de.gz val.en.gz --output hyps.en
+
+The checkpoint alone is enough: it holds the model's config and its BPE vocabulary. Beam search (default
+beam 4, GNMT length penalty 0.6); --beam 1 is greedy. --eval prints the standard cased sacreBLEU and the
+lowercased one, on detokenized text. Files may be gzipped.
+"""
+
+import argparse
+import gzip
+import sys
+import time
+
+import torch
+
+from train import bleu, load_seq2seq_checkpoint, translate
+
+
+class TranslateError(Exception):
+    """Bad input to this script, with a message that says what to do."""
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            return [line.rstrip("\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TranslateError(f"cannot read {path}: {e}") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="seq2seq checkpoint written by train.py")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help="one sentence to translate")
+    source.add_argument("--file", default=None, help="a file of sentences, one per line")
+    source.add_argument("--eval", nargs=2, metavar=("SRC", "REF"), default=None,
+                        help="translate SRC and score it against REF (aligned lines) with sacreBLEU")
+    p.add_argument("--output", default=None, help="with --eval: also write the translations here")
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="alpha of GNMT's length penalty")
+    p.add_argument("--max-tokens", type=int, default=4000, help="source tokens per batch (x beam in the decoder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.beam < 1 or args.max_tokens < 1:
+        raise TranslateError("--beam and --max-tokens must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TranslateError("--device cuda: no CUDA device here; use --device cpu")
+    if args.output and not args.eval:
+        raise TranslateError("--output goes with --eval; otherwise redirect the standard output")
+    try:
+        model, tokenizer = load_seq2seq_checkpoint(args.ckpt, args.device)
+    except ValueError as e:
+        raise TranslateError(str(e)) from None
+
+    if args.eval:
+        sources, references = map(read_lines, args.eval)
+        if len(sources) != len(references):
+            raise TranslateError(f"{args.eval[0]} has {len(sources)} lines but {args.eval[1]} has "
+                                 f"{len(references)}: the files must be aligned line by line")
+    elif args.text is not None:
+        sources = [args.text]
+    else:
+        sources = read_lines(args.file) if args.file else [line.rstrip("\n") for line in sys.stdin]
+
+    start = time.perf_counter()
+    try:
+        hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty, args.max_tokens)
+    except ValueError as e:
+        raise TranslateError(str(e)) from None
+    seconds = time.perf_counter() - start
+
+    if not args.eval:
+        print("\n".join(hypotheses))
+        return
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write("\n".join(hypotheses) + "\n")
+    scores = bleu(hypotheses, references)
+    search = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
+    print(f"sacreBLEU {scores['bleu']:.2f} (lowercase {scores['bleu_lc']:.2f}) on {len(sources)} lines, "
+          f"{search}, {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TranslateError as e:
+        sys.exit(f"error: {e}")
