@@ -185,7 +185,7 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
         src = src.to(device)
         hyps = greedy_search(model, src) if beam_size == 1 else beam_search(model, src, beam_size, alpha)
         for i, hyp in zip(index, hyps, strict=True):
-            out[i] = tokenizer.decode(hyp)
+            out[i] = tokenizer.decode(hyp).strip()
     return out
 
 
