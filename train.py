@@ -59,6 +59,15 @@ class TrainModule(L.LightningModule):
 
     kind: str
 
+    def _build_model(self, config, config_class, model_class):
+        """``self.model`` from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
+        hyperparameters keep it as a plain dict, so that checkpoints load without our classes."""
+        if isinstance(config, dict):
+            config = config_class(**config)
+        self.hparams["config"] = asdict(config)
+        self.model = model_class(config)
+        self.tokenizer = None  # taken from the data module; saved in every checkpoint
+
     def setup(self, stage: str):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
@@ -120,12 +129,8 @@ class GPTLightningModule(TrainModule):
                  betas: tuple[float, float] = (0.9, 0.95), compile: bool = False, val_samples: int = 2,
                  val_sample_tokens: int = 200):
         super().__init__()
-        if isinstance(config, dict):  # from a checkpoint's hyperparameters
-            config = GPTConfig(**config)
         self.save_hyperparameters(ignore=["config"])
-        self.hparams["config"] = asdict(config)  # a plain dict: checkpoints load without our classes
-        self.model = GPT(config)
-        self.tokenizer = None  # taken from the data module; saved in every checkpoint
+        self._build_model(config, GPTConfig, GPT)
         self._flops_shape = None
 
     def configure_model(self):
@@ -216,12 +221,8 @@ class Seq2SeqLightningModule(TrainModule):
                  betas: tuple[float, float] = (0.9, 0.98), val_bleu: bool = True, beam_size: int = 4,
                  length_penalty: float = 0.6):
         super().__init__()
-        if isinstance(config, dict):
-            config = Seq2SeqConfig(**config)
         self.save_hyperparameters(ignore=["config"])
-        self.hparams["config"] = asdict(config)
-        self.model = Seq2SeqTransformer(config)
-        self.tokenizer = None
+        self._build_model(config, Seq2SeqConfig, Seq2SeqTransformer)
 
     def on_train_batch_start(self, batch, batch_idx):
         src, tgt_in, _ = batch  # read by Throughput
@@ -238,6 +239,10 @@ class Seq2SeqLightningModule(TrainModule):
         _, loss = self.model(src, tgt_in, tgt_out)
         tokens = int((tgt_out != self.model.config.pad_id).sum())  # the mean over batches weighs them by tokens
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
+        # BLEU here, at the last batch, not in on_validation_epoch_end: callbacks' epoch-end hooks run first,
+        # and the EMA callback's puts the training weights back
+        if batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking:
+            self._log_val_bleu()
 
     def evaluate_bleu(self, beam_size: int = 1) -> tuple[dict[str, float], list[str]]:
         """sacreBLEU of the model's translations of the data module's validation pairs, and the translations."""
@@ -245,11 +250,12 @@ class Seq2SeqLightningModule(TrainModule):
         hypotheses = translate(self.model, self.tokenizer, sources, beam_size, self.hparams.length_penalty)
         return bleu(hypotheses, references), hypotheses
 
-    def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking or not self.hparams.val_bleu or not self.trainer.is_global_zero:
+    def _log_val_bleu(self):
+        if not self.hparams.val_bleu or not self.trainer.is_global_zero:
             return
         scores, hypotheses = self.evaluate_bleu()
-        self.log_dict({f"val/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        for name, value in scores.items():
+            self.log(f"val/{name}", value, rank_zero_only=True, batch_size=1)
         sources, references = self.trainer.datamodule.texts["val"]
         examples = [[self.global_step, sources[i], hypotheses[i], references[i]] for i in range(3)]
         rank_zero_info(f"\nStep {self.global_step}: val sacreBLEU {scores['bleu']:.2f} (lowercase "

@@ -205,7 +205,7 @@ def test_sample_script_rejects_corrupt_checkpoints(checkpoint, tmp_path):
         sample_script().main(["--ckpt", str(truncated)])
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
-    with pytest.raises(sample_script().SampleError, match="not a GPT checkpoint of this project"):
+    with pytest.raises(sample_script().SampleError, match="not a checkpoint of this project"):
         sample_script().main(["--ckpt", str(other)])
 
 

@@ -59,5 +59,5 @@ def test_save_and_load(tok):
 
 
 def test_unknown_tokenizer_name():
-    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'; choose one of char, gpt2"):
-        tokenizer_from_dict({"name": "bpe"})
+    with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'; choose one of char, gpt2"):
+        tokenizer_from_dict({"name": "wordpiece"})

@@ -128,14 +128,19 @@ def test_tokenizer_and_model_vocabulary_must_match(text_file, cache_dir, tmp_pat
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_config_parses_and_overrides_win(config, capsys):
+    seq2seq = yaml.safe_load((REPO / "configs" / config).read_text()).get("kind") == "seq2seq"
+    layers = "n_decoder_layer" if seq2seq else "n_layer"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / config), "--model.config.n_layer", "3",
+        main(["fit", "--config", str(REPO / "configs" / config), f"--model.config.{layers}", "3",
               "--trainer.max_steps", "7", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["config"]["n_layer"] == 3
+    assert printed["model"]["config"][layers] == 3
     assert printed["trainer"]["max_steps"] == 7
-    assert printed["data"]["tokenizer"] in ("char", "gpt2")
+    if seq2seq:
+        assert printed["kind"] == "seq2seq" and printed["data"]["max_len"] == 128  # linked to model.config
+    else:
+        assert printed["data"]["tokenizer"] in ("char", "gpt2")
 
 
 def run_cli(*args, cwd) -> subprocess.CompletedProcess:
