@@ -12,6 +12,7 @@ tokens, target tokens and the output projection (a joint vocabulary). Masks foll
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +95,13 @@ class Seq2SeqTransformer(nn.Module):
     def flops_per_batch(self, src_tokens: int, tgt_tokens: int) -> int:
         """Training FLOPs (forward + backward) of a batch: 6 per weight and token, encoder weights on source
         tokens, decoder weights and the output projection on target tokens (attention scores left out)."""
-        encoder = sum(p.numel() for p in self.encoder.parameters())
-        decoder = sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
+        encoder, decoder = self._weights_per_side
         return 6 * (encoder * src_tokens + decoder * tgt_tokens)
+
+    @cached_property
+    def _weights_per_side(self) -> tuple[int, int]:  # counted once: flops_per_batch is called every step
+        encoder = sum(p.numel() for p in self.encoder.parameters())
+        return encoder, sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
 
     def _embed(self, ids: Tensor, pos_emb: nn.Embedding, start: int, what: str) -> Tensor:
         if ids.dim() != 2:
