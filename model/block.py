@@ -69,9 +69,8 @@ class Block(nn.Module):
         attn_args = dict(dropout=dropout, bias=bias, attn_impl=attn_impl)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, **attn_args)
-        if cross:
-            self.ln_cross = nn.LayerNorm(n_embd, bias=bias)
-            self.cross_attn = MultiHeadAttention(n_embd, n_head, cross=True, **attn_args)
+        self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
+        self.cross_attn = MultiHeadAttention(n_embd, n_head, cross=True, **attn_args) if cross else None
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, dropout, bias)
 
@@ -82,6 +81,6 @@ class Block(nn.Module):
         Cross-attention: context (B, S, C), context_mask (B, S), context_cache (its projected keys and values,
         filled on the first call and reused after)."""
         x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
-        if hasattr(self, "cross_attn"):
+        if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context, key_mask=context_mask, kv_cache=context_cache)
         return x + self.mlp(self.ln_2(x))
