@@ -210,8 +210,11 @@ class Seq2SeqLightningModule(TrainModule):
         lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas: as for GPTLightningModule.
         val_bleu: translate the validation set with greedy search at each validation and log sacreBLEU
             (``val/bleu``, ``val/bleu_lc``), with a few examples.
-        beam_size: beam for the BLEU at the end of training (``final/bleu``) and ``scripts/translate.py``'s default.
+        beam_size: beam for the BLEU at the end of training (``final/bleu``).
         length_penalty: alpha of GNMT's length penalty for beam search.
+        tune_length_penalty: alphas to try at the end of training, with beam search on the data's dev split
+            (``--data.dev_size``); the one with the best cased BLEU there replaces ``length_penalty`` for the
+            final val BLEU, so that val is never used to choose it.
     """
 
     kind = "seq2seq"
@@ -219,10 +222,16 @@ class Seq2SeqLightningModule(TrainModule):
     def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 400, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), val_bleu: bool = True, beam_size: int = 4,
-                 length_penalty: float = 0.6):
+                 length_penalty: float = 0.6, tune_length_penalty: list[float] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["config"])
         self._build_model(config, Seq2SeqConfig, Seq2SeqTransformer)
+
+    def setup(self, stage: str):
+        super().setup(stage)
+        if stage == "fit" and self.hparams.tune_length_penalty and "dev" not in self.trainer.datamodule.texts:
+            raise ValueError("model.tune_length_penalty needs a dev split to tune on: set --data.dev_size "
+                             "(e.g. 1000 training pairs held out), or leave tune_length_penalty unset")
 
     def on_train_batch_start(self, batch, batch_idx):
         src, tgt_in, _ = batch  # read by Throughput
@@ -244,11 +253,22 @@ class Seq2SeqLightningModule(TrainModule):
         if batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking:
             self._log_val_bleu()
 
-    def evaluate_bleu(self, beam_size: int = 1) -> tuple[dict[str, float], list[str]]:
-        """sacreBLEU of the model's translations of the data module's validation pairs, and the translations."""
-        sources, references = self.trainer.datamodule.texts["val"]
-        hypotheses = translate(self.model, self.tokenizer, sources, beam_size, self.hparams.length_penalty)
+    def evaluate_bleu(self, beam_size: int = 1, split: str = "val", length_penalty: float | None = None
+                      ) -> tuple[dict[str, float], list[str]]:
+        """sacreBLEU of the model's translations of a split of the data module's pairs, and the translations."""
+        sources, references = self.trainer.datamodule.texts[split]
+        alpha = self.hparams.length_penalty if length_penalty is None else length_penalty
+        hypotheses = translate(self.model, self.tokenizer, sources, beam_size, alpha)
         return bleu(hypotheses, references), hypotheses
+
+    def best_length_penalty(self) -> float:
+        """The alpha of ``tune_length_penalty`` with the best cased beam-search BLEU on the dev split."""
+        hp = self.hparams
+        scores = {alpha: self.evaluate_bleu(hp.beam_size, "dev", alpha)[0]["bleu"] for alpha in hp.tune_length_penalty}
+        best = max(scores, key=scores.get)
+        rank_zero_info(f"Dev sacreBLEU (beam {hp.beam_size}) by length penalty: "
+                       + ", ".join(f"{alpha}: {score:.2f}" for alpha, score in scores.items()) + f"; using {best}")
+        return best
 
     def _log_val_bleu(self):
         if not self.hparams.val_bleu or not self.trainer.is_global_zero:
@@ -385,12 +405,16 @@ class Seq2SeqCLI(CLI):
         if not self.trainer.is_global_zero or self.trainer.interrupted or module.tokenizer is None:
             return
         module.eval()  # the final weights (the EMA's, with that callback)
-        scores, _ = module.evaluate_bleu(module.hparams.beam_size)
-        rank_zero_info(f"Final val sacreBLEU (beam {module.hparams.beam_size}, length penalty "
-                       f"{module.hparams.length_penalty}): {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
-                       f"lowercase")
+        hp = module.hparams
+        if hp.tune_length_penalty:
+            hp.length_penalty = module.best_length_penalty()
+        scores, _ = module.evaluate_bleu(hp.beam_size)
+        rank_zero_info(f"Final val sacreBLEU (beam {hp.beam_size}, length penalty {hp.length_penalty}): "
+                       f"{scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} lowercase. scripts/translate.py: "
+                       f"--beam {hp.beam_size} --length-penalty {hp.length_penalty}")
+        metrics = {**scores, "length_penalty": hp.length_penalty}
         for logger in self.trainer.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.trainer.global_step)
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=self.trainer.global_step)
             logger.save()
 
 

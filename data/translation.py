@@ -177,11 +177,14 @@ class TranslationDataModule(L.LightningDataModule):
         vocab_size: size of the joint BPE vocabulary, special tokens included.
         max_len: longest source, or target with bos or eos, in tokens; longer pairs are dropped.
         max_tokens: tokens per training batch and side, padding included.
-        seed: seed of the batch shuffling (epoch e uses seed + e).
+        seed: seed of the batch shuffling (epoch e uses seed + e) and of the dev split.
+        dev_size: training pairs held out at random as a ``dev`` split, on which decoding settings can be
+            tuned without looking at val (the vocabulary is trained without them too); 0 for none.
     """
 
     def __init__(self, source: str = "bentrevett/multi30k", src_lang: str = "de", tgt_lang: str = "en",
-                 vocab_size: int = 8000, max_len: int = 128, max_tokens: int = 3000, seed: int = 0):
+                 vocab_size: int = 8000, max_len: int = 128, max_tokens: int = 3000, seed: int = 0,
+                 dev_size: int = 0):
         super().__init__()
         if not re.fullmatch(r"[\w-]+", src_lang) or not re.fullmatch(r"[\w-]+", tgt_lang) or src_lang == tgt_lang:
             raise ValueError(f"src_lang and tgt_lang must be two different language keys, got {src_lang!r}, "
@@ -189,12 +192,25 @@ class TranslationDataModule(L.LightningDataModule):
         if max_tokens < max_len:
             raise ValueError(f"max_tokens ({max_tokens}) must be at least max_len ({max_len}), so that the longest "
                              f"pair fits in a batch")
+        if dev_size < 0:
+            raise ValueError(f"dev_size must be 0 (no dev split) or a number of training pairs, got {dev_size}")
         self.save_hyperparameters()
 
     @cached_property
     def texts(self) -> dict[str, tuple[list[str], list[str]]]:
+        """{"train": (sources, targets), "val": ..., and "dev" with dev_size}."""
         hp = self.hparams
-        return load_pairs(hp.source, hp.src_lang, hp.tgt_lang)
+        pairs = load_pairs(hp.source, hp.src_lang, hp.tgt_lang)
+        if hp.dev_size:
+            sources, targets = pairs["train"]
+            if hp.dev_size >= len(sources):
+                raise DataSourceError(f"dev_size ({hp.dev_size}) must be smaller than the {len(sources)} training "
+                                      f"pairs of {hp.source}")
+            order = np.random.default_rng(hp.seed).permutation(len(sources))
+            for split, index in (("dev", order[:hp.dev_size]), ("train", order[hp.dev_size:])):
+                index = np.sort(index)
+                pairs[split] = ([sources[i] for i in index], [targets[i] for i in index])
+        return pairs
 
     @cached_property
     def tokenizer(self) -> BPETokenizer:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -116,6 +117,21 @@ def test_over_long_pairs_are_dropped_and_reported(tmp_path, caplog):
     assert "train: dropped 1 of 51 pairs longer than max_len (16 tokens)" in caplog.text
 
 
+def test_dev_split_is_held_out_of_train_at_random_and_the_same_each_time(tmp_path):
+    pairs = [(f"q{i}", f"a{i}") for i in range(50)]
+    folder = write_parallel(tmp_path, {"train": pairs, "val": pairs[:3]})
+    texts = data_module(folder, dev_size=10).texts
+    dev, train = set(zip(*texts["dev"], strict=True)), set(zip(*texts["train"], strict=True))
+    assert len(dev) == 10 and len(train) == 40 and dev.isdisjoint(train) and dev | train == set(pairs)
+    assert dev != set(pairs[:10])  # drawn at random, not the head of the file
+    assert data_module(folder, dev_size=10).texts["dev"] == texts["dev"]
+    assert "dev" not in data_module(folder).texts
+    with pytest.raises(DataSourceError, match=r"dev_size \(50\) must be smaller than the 50 training pairs"):
+        data_module(folder, dev_size=50).texts  # noqa: B018
+    with pytest.raises(ValueError, match="dev_size must be 0"):
+        data_module(folder, dev_size=-1)
+
+
 def test_bpe_vocabulary_is_trained_on_train_only_round_trips_and_has_fixed_specials(reverse_folder):
     dm = data_module(reverse_folder)
     tok = dm.tokenizer
@@ -159,6 +175,17 @@ def test_pair_batches_are_padded_shifted_and_reshuffled_each_epoch():
 
 
 # ------------------------------------------------------------------ training
+
+
+def test_tuning_the_length_penalty_without_a_dev_split_is_refused_before_training(reverse_folder):
+    dm = data_module(reverse_folder)
+    config = Seq2SeqConfig(vocab_size=dm.vocab_size, max_len=16, n_encoder_layer=1, n_decoder_layer=1, n_head=2,
+                           n_embd=16, mlp_hidden=32)
+    module = Seq2SeqLightningModule(config, tune_length_penalty=[0.6, 1.0])
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="tune_length_penalty needs a dev split to tune on: set --data.dev_size"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +274,15 @@ def test_cli_trains_seq2seq_from_the_config_kind(reverse_folder, tmp_path):
          "--model.config.n_embd", "32", "--model.config.mlp_hidden", "64", "--trainer.max_steps", "6",
          "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
          "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2", "--model.beam_size", "2",
+         "--data.dev_size", "20", "--model.tune_length_penalty", "[0.6, 1.0]",
          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Final val sacreBLEU (beam 2, length penalty 0.6)" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert re.search(r"Dev sacreBLEU \(beam 2\) by length penalty: 0.6: [\d.]+, 1.0: [\d.]+; using (0.6|1.0)\n",
+                     output), output[-3000:]
+    chosen = re.search(r"using (0.6|1.0)", output).group(1)
+    assert f"Final val sacreBLEU (beam 2, length penalty {chosen})" in output
     assert "val sacreBLEU" in result.stdout + result.stderr
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts and torch.load(ckpts[0], weights_only=True)["model_kind"] == "seq2seq"
