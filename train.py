@@ -10,23 +10,34 @@ Options come from the YAML files in configs/ and can be overridden on the comman
 A config's top-level ``kind`` (``gpt``, the default, or ``seq2seq``) picks the model and data classes.
 """
 
+import csv
+import json
 import math
+import netrc
 import os
+import re
+import secrets
+import subprocess
 import sys
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn import functional as F
 
 from data import LMDataModule, tokenizer_from_dict
 from data.translation import TranslationDataModule, token_batches
@@ -58,6 +69,12 @@ class TrainModule(L.LightningModule):
     Subclasses set ``self.model`` (with a ``config``) and ``kind``."""
 
     kind: str
+
+    def __init__(self):
+        super().__init__()
+        self.run_info: dict | None = None  # the run's id, name and folder (set by the CLI), kept in checkpoints
+        self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
+        self._fit_start: float | None = None
 
     def _build_model(self, config, config_class, model_class):
         """``self.model`` from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
@@ -94,14 +111,44 @@ class TrainModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_validation_epoch_start(self):
+        self._val_nll = torch.zeros(2, device=self.device)  # NLL summed over target tokens, and their count
+
+    def _log_val_loss(self, loss: torch.Tensor, nll: torch.Tensor, tokens: int):
+        """val/loss (the training objective) and, at the epoch's end, val/ppl: exp of the mean NLL per token."""
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
+        self._val_nll += torch.stack([nll.detach().float() * tokens, nll.new_tensor(tokens, dtype=torch.float)])
+
+    def on_validation_epoch_end(self):
+        nll, tokens = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")  # over all processes
+        self.log("val/ppl", torch.exp(nll / tokens), sync_dist=True)  # the same on every process
+        if self._fit_start is not None and not self.trainer.sanity_checking:
+            self.log("val/wall_time_s", self.wall_time(), sync_dist=True)  # for plots of val loss against time
+
+    def on_fit_start(self):  # after a resume's on_load_checkpoint
+        self._fit_start = time.perf_counter() - self._elapsed_before
+
+    def wall_time(self) -> float:
+        """Seconds since this run's training started, resumes included (time between them left out)."""
+        return time.perf_counter() - self._fit_start if self._fit_start is not None else self._elapsed_before
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping, after AMP unscaling
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
+        checkpoint["wall_time_s"] = self.wall_time()
+        if self.run_info is not None:
+            checkpoint["run"] = self.run_info
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
 
     def on_load_checkpoint(self, checkpoint):
         if checkpoint.get("model_kind", "gpt") != self.kind:
             raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a {self.kind} run")
+        self._elapsed_before = checkpoint.get("wall_time_s", 0.0)
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
 
@@ -129,7 +176,7 @@ class GPTLightningModule(TrainModule):
                  betas: tuple[float, float] = (0.9, 0.95), compile: bool = False, val_samples: int = 2,
                  val_sample_tokens: int = 200):
         super().__init__()
-        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters(ignore=["config"], logger=False)  # the CLI logs the whole config
         self._build_model(config, GPTConfig, GPT)
         self._flops_shape = None
 
@@ -151,9 +198,10 @@ class GPTLightningModule(TrainModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.size(0))
+        self._log_val_loss(loss, loss, y.numel())
 
     def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
         hp = self.hparams
         if self.trainer.sanity_checking or self.tokenizer is None or hp.val_samples < 1 \
                 or not self.trainer.is_global_zero:
@@ -224,7 +272,7 @@ class Seq2SeqLightningModule(TrainModule):
                  betas: tuple[float, float] = (0.9, 0.98), val_bleu: bool = True, beam_size: int = 4,
                  length_penalty: float = 0.6, tune_length_penalty: list[float] | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters(ignore=["config"], logger=False)  # the CLI logs the whole config
         self._build_model(config, Seq2SeqConfig, Seq2SeqTransformer)
 
     def setup(self, stage: str):
@@ -245,9 +293,10 @@ class Seq2SeqLightningModule(TrainModule):
 
     def validation_step(self, batch, batch_idx):
         src, tgt_in, tgt_out = batch
-        _, loss = self.model(src, tgt_in, tgt_out)
+        logits, loss = self.model(src, tgt_in, tgt_out)  # loss: label-smoothed
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=self.model.config.pad_id)
         tokens = int((tgt_out != self.model.config.pad_id).sum())  # the mean over batches weighs them by tokens
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
+        self._log_val_loss(loss, nll, tokens)
         # BLEU here, at the last batch, not in on_validation_epoch_end: callbacks' epoch-end hooks run first,
         # and the EMA callback's puts the training weights back
         if batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking:
@@ -366,12 +415,127 @@ class Throughput(ThroughputMonitor):
                 throughput.available_flops = self.peak_flops
 
 
+@dataclass
+class RunConfig:
+    """Where a run's files go and how wandb knows it (the ``run`` section of a config). Each run has its own
+    folder, ``{save_dir}/{project}/{name}-{id}``, holding config.yaml, metrics.csv (always written, so that
+    runs compare with no wandb account), checkpoints/ and wandb/. Resuming from a checkpoint of a run
+    (``--ckpt_path``) continues that run: the same folder, CSV and wandb run.
+
+    Args:
+        project: wandb project, and the folder of its runs under ``save_dir``.
+        name: readable run name; default from the config: file stem, model shape, attention path, precision.
+        group: wandb group; default the config file's stem.
+        tags: wandb tags.
+        notes: wandb notes.
+        entity: wandb user or team; default your wandb default.
+        mode: wandb ``online``, ``offline`` (upload later with ``wandb sync``) or ``disabled``; default
+            ``$WANDB_MODE``, else online where a wandb API key is set up, else offline.
+        id: run id; default new for each run (a date and 4 random hex digits). Give it to resume a wandb run
+            by id, or to share one id between the nodes of a multi-node job.
+        save_dir: folder of the projects' run folders.
+    """
+
+    project: str = "mini-gpt"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
+    id: str | None = None
+    save_dir: str = "runs"
+
+
+# a multi-process run's worker processes start from the command line again: they take the id their
+# launcher picked (set in the environment below), and only at import, so that later runs get new ids
+_LAUNCHER_RUN_ID = os.environ.pop("MINIGPT_RUN_ID", None)
+
+
+def wandb_mode(mode: str | None) -> str | None:
+    """The mode to ask wandb for; None lets wandb read $WANDB_MODE."""
+    if mode or os.environ.get("WANDB_MODE"):
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+def git_commit() -> str | None:
+    """The commit of this code, with ``+dirty`` when tracked files have changed since; None outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class _KeepingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self):  # Lightning's warns about, and deletes, an earlier metrics.csv
+        pass
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing ``metrics.csv`` straight into a run folder. Resuming, it keeps the rows
+    up to the step it resumes from (Lightning's deletes the file) and drops the later ones, which the
+    resumed run logs again."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        super().__init__(save_dir=run_dir.parent, name="", version=run_dir.name)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._experiment = _KeepingWriter(self.log_dir)
+            path = self._experiment.metrics_file_path
+            if self.resume_step is not None and os.path.isfile(path):
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    rows = [row for row in reader if row["step"] and int(row["step"]) <= self.resume_step]
+                with open(path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                self._experiment.metrics_keys = list(reader.fieldnames)
+        return self._experiment
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the resolved config into the run folder, as config.yaml (config-resume-N.yaml at the N-th
+    resume: nothing is overwritten), and logs it to every logger with the parameter count and the git commit,
+    so that runs can be filtered and grouped by any setting."""
+
+    def save_config(self, trainer, pl_module, stage):
+        folder = Path(trainer.loggers[0].log_dir)  # the run's CSV logger; trainer.log_dir would wait for all ranks
+        folder.mkdir(parents=True, exist_ok=True)
+        path, n = folder / "config.yaml", 0
+        while path.exists():
+            n += 1
+            path = folder / f"config-resume-{n}.yaml"
+        self.parser.save(self.config, str(path), skip_unset=False)
+        config = json.loads(json.dumps(self.config.as_dict(), default=str))
+        config["config_files"] = config.pop("config", None)
+        config.update(n_params=sum(p.numel() for p in pl_module.parameters()), git_commit=git_commit(),
+                      **{f"run_{key}": value for key, value in (pl_module.run_info or {}).items()})
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
 class CLI(LightningCLI):
-    """The options both kinds share: checkpoints (best by val/loss, and last), the learning rate and
-    throughput monitors, and ``kind`` (read by ``main`` to pick the classes)."""
+    """The options both kinds share: the run folder and wandb (``run``, see RunConfig), checkpoints (best by
+    val/loss, and last), the learning rate and throughput monitors, and ``kind`` (read by ``main`` to pick
+    the classes). Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones."""
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(KINDS), default="gpt", help="the model to train")
+        parser.add_class_arguments(RunConfig, "run")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{step}"})
@@ -379,13 +543,86 @@ class CLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
 
+    @staticmethod
+    def model_shape(config) -> str:
+        raise NotImplementedError
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, logging into the run's folder: a new one, or that of the run a fit resumes."""
+        config = self.config_init[self.subcommand]
+        run: RunConfig = config.run
+        files = config.get("config") or []
+        stem = Path(str(files[-1])).stem if files else self.model.kind
+        model_config = self.model.model.config
+        name = run.name or (f"{stem}-{self.model_shape(model_config)}-{model_config.attn_impl}-"
+                            f"{config.trainer.get('precision') or '32'}")
+        run_id = run.id or _LAUNCHER_RUN_ID or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        run_dir = Path(run.save_dir) / run.project / (re.sub(r"[^\w.+-]", "_", name) + f"-{run_id}")
+        resumed = self._resumed_run(config.get("ckpt_path")) if self.subcommand == "fit" else None
+        if resumed:
+            run_id, name, run_dir = resumed[0]["id"], resumed[0]["name"], Path(resumed[0]["dir"])
+        elif run_dir.exists() and not _LAUNCHER_RUN_ID:
+            raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, or resume that run "
+                             f"with --ckpt_path {run_dir}/checkpoints/last.ckpt")
+        os.environ["MINIGPT_RUN_ID"] = run_id  # for the worker processes of a multi-process run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and checkpoint.dirpath is None:
+            checkpoint.dirpath = str(run_dir / "checkpoints")
+        extra = config.trainer.get("logger")
+        extra = [] if extra is None or isinstance(extra, bool) else extra if isinstance(extra, list) else [extra]
+        loggers = [RunCSVLogger(run_dir, resume_step=resumed[1] if resumed else None),
+                   WandbLogger(name=name, project=run.project, id=run_id, save_dir=str(run_dir),
+                               group=run.group or stem, tags=run.tags, notes=run.notes, entity=run.entity,
+                               mode=wandb_mode(run.mode), job_type=self.subcommand),
+                   *extra]
+        rank_zero_info(f"Run {name}, id {run_id}: {run_dir}" + (f" (resumed at step {resumed[1]})" if resumed else ""))
+        return super().instantiate_trainer(**{**kwargs, "logger": loggers})
+
+    def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
+        """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its step;
+        None to start a new run."""
+        if not ckpt_path:
+            return None
+        if ckpt_path in ("last", "best", "hpc", "registry"):
+            raise ValueError(f"--ckpt_path {ckpt_path}: give the checkpoint's path, e.g. "
+                             f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own folder, where "
+                             f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
+        ckpt = _read_checkpoint(ckpt_path, "cpu", self.model.kind)
+        info = ckpt.get("run")
+        return (info, ckpt["global_step"]) if info else None
+
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} (val/loss {ckpt.best_model_score:.4f})")
+        self.report()
+        self.finish_run()
+
+    def after_validate(self):
+        self.finish_run()
+
+    def after_test(self):
+        self.finish_run()
+
+    def report(self):
+        """What a kind prints and logs once training has ended."""
+
+    def finish_run(self):
+        """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
+        os.environ.pop("MINIGPT_RUN_ID", None)
+        for logger in self.trainer.loggers:
+            logger.save()
+            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+                logger.experiment.finish()
 
 
 class GPTCLI(CLI):
+    @staticmethod
+    def model_shape(config) -> str:
+        return f"{config.n_layer}L{config.n_embd}d"
+
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         # the data decides the context length and the vocabulary; the model follows
@@ -394,13 +631,16 @@ class GPTCLI(CLI):
 
 
 class Seq2SeqCLI(CLI):
+    @staticmethod
+    def model_shape(config) -> str:
+        return f"{config.n_encoder_layer}+{config.n_decoder_layer}L{config.n_embd}d"
+
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.max_len", "model.config.max_len")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
-    def after_fit(self):
-        super().after_fit()
+    def report(self):
         module = self.model
         if not self.trainer.is_global_zero or self.trainer.interrupted or module.tokenizer is None:
             return
@@ -415,7 +655,6 @@ class Seq2SeqCLI(CLI):
         metrics = {**scores, "length_penalty": hp.length_penalty}
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=self.trainer.global_step)
-            logger.save()
 
 
 KINDS = {"gpt": (GPTCLI, GPTLightningModule, LMDataModule),
@@ -444,14 +683,14 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps only
     "gradient_clip_val": 1.0,
     "log_every_n_steps": 10,
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "gpt"}},
 }
 
 
 def main(args=None):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     cli, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
-    return cli(module, data, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS, args=args)
+    return cli(module, data, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS, args=args,
+               save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False})
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class LMDataModule(L.LightningDataModule):
         check_tokenizer_name(tokenizer)
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and {batch_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole config
 
     @cached_property
     def corpus(self) -> TokenizedCorpus:

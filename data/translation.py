@@ -194,7 +194,7 @@ class TranslationDataModule(L.LightningDataModule):
                              f"pair fits in a batch")
         if dev_size < 0:
             raise ValueError(f"dev_size must be 0 (no dev split) or a number of training pairs, got {dev_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole config
 
     @cached_property
     def texts(self) -> dict[str, tuple[list[str], list[str]]]:

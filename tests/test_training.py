@@ -154,9 +154,9 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
                      "--data.block_size", "16", "--model.config.n_layer", "1", "--model.config.n_embd", "16",
                      "--model.config.n_head", "2", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
                      "--trainer.log_every_n_steps", "5", "--throughput.window_size", "5",
-                     "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
+                     "--run.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "runs" / "shakespeare_char_cpu" / "version_0"
+    run, = (tmp_path / "runs" / "mini-gpt").iterdir()
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(n.startswith("best-step=") for n in checkpoints)
     output = result.stdout + result.stderr

@@ -275,7 +275,7 @@ def test_cli_trains_seq2seq_from_the_config_kind(reverse_folder, tmp_path):
          "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
          "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2", "--model.beam_size", "2",
          "--data.dev_size", "20", "--model.tune_length_penalty", "[0.6, 1.0]",
-         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+         "--run.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

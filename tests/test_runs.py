@@ -1,0 +1,153 @@
+"""Run folders, CSV and offline wandb logging through train.py, resumed runs, and scripts/compare_runs.py."""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from train import main
+
+spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_runs)
+
+
+def tiny_run(text_file: Path, save_dir: Path, *extra: str) -> list[str]:
+    """train.py arguments for a tiny GPT run; later flags win."""
+    return ["fit", "--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--data.source", str(text_file),
+            "--data.cache_dir", str(save_dir / "cache"), "--data.block_size", "16", "--model.config.n_layer", "1",
+            "--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.val_samples", "0",
+            "--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "5",
+            "--trainer.limit_val_batches", "4", "--trainer.enable_progress_bar", "false",
+            "--throughput.window_size", "5", "--run.save_dir", str(save_dir), *extra]
+
+
+def fit(text_file: Path, save_dir: Path, *extra: str) -> None:
+    main(tiny_run(text_file, save_dir, *extra))  # in this process: no second `import lightning`
+
+
+def run_folders(save_dir: Path) -> list[Path]:
+    return sorted(p for p in (save_dir / "mini-gpt").iterdir() if p.is_dir())
+
+
+def wandb_id(offline_run: Path) -> str:
+    """The run id, from the run-<id>.wandb file that wandb writes in an offline run's folder."""
+    return next(offline_run.glob("run-*.wandb")).stem.removeprefix("run-")
+
+
+def csv_rows(folder: Path) -> list[dict]:
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_file, tmp_path):
+    fit(text_file, tmp_path)
+    folder, = run_folders(tmp_path)
+    name = "shakespeare_char_cpu-1L16d-naive-bf16-mixed"  # config stem, shape, attention path, precision
+    assert folder.name.startswith(name + "-")
+    assert {"config.yaml", "metrics.csv", "checkpoints", "wandb"} <= {p.name for p in folder.iterdir()}
+
+    offline, = (folder / "wandb").glob("offline-run-*")
+    run = compare_runs.read_wandb_offline(offline)  # from the file wandb wrote, not from this process
+    assert run.name == name
+    config = run.config
+    assert config["model.config.n_layer"] == 1 and config["model.config.n_embd"] == 16
+    assert config["trainer.max_steps"] == 20 and config["trainer.precision"] == "bf16-mixed"
+    assert config["data.block_size"] == 16 and config["model.lr"] == 3e-3
+    assert config["n_params"] > 0 and config["run_dir"] == str(folder) and config["kind"] == "gpt"
+    assert config["git_commit"] is None or len(config["git_commit"].split("+")[0]) == 40
+    for key in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "lr-AdamW/pg1", "val/wall_time_s",
+                "train/device/items_per_sec"):
+        assert run.history.get(key), key
+    assert sorted(run.history["val/loss"]) == [9, 19]
+
+    # the CSV holds the same numbers
+    rows = csv_rows(folder)
+    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
+    assert val == pytest.approx(run.history["val/loss"])
+    ppl = {int(r["step"]): float(r["val/ppl"]) for r in rows if r["val/ppl"]}
+    assert ppl[19] == pytest.approx(2.718281828 ** val[19], rel=1e-4)  # GPT: the loss is the NLL
+
+
+def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_path):
+    fit(text_file, tmp_path, "--model.lr", "0.002")
+    fit(text_file, tmp_path, "--model.lr", "0.003", "--run.name", "my run", "--run.tags", "[a, b]")
+    first, second = sorted(run_folders(tmp_path), key=lambda p: p.stat().st_mtime)
+    assert second.name.startswith("my_run-")
+    ids = [wandb_id(next((f / "wandb").glob("offline-run-*"))) for f in (first, second)]
+    assert ids[0] != ids[1]
+    for folder, lr in ((first, 0.002), (second, 0.003)):
+        assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["lr"] == lr
+        assert any(r["val/loss"] for r in csv_rows(folder))
+    again = compare_runs.read_wandb_offline(next((second / "wandb").glob("offline-run-*")))
+    assert again.name == "my run" and again.config["run.tags"] == '["a", "b"]'
+
+    # compare_runs: the differing settings, then the metrics, and a PNG
+    png = tmp_path / "compare.png"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(first), str(second),
+                          "--plot", str(png)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    header, _, row1, row2, *_ = out.stdout.splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "model.lr" in columns and "run.tags" in columns and "best val/loss" in columns
+    assert "model.config.n_layer" not in columns  # the same in both runs
+    lr = columns.index("model.lr")
+    assert [[c.strip() for c in r.strip("|").split("|")][lr] for r in (row1, row2)] == ["0.002", "0.003"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_path):
+    fit(text_file, tmp_path, "--trainer.max_steps", "20")
+    folder, = run_folders(tmp_path)
+    before = csv_rows(folder)
+    fit(text_file, tmp_path, "--trainer.max_steps", "30", "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
+    assert run_folders(tmp_path) == [folder]  # no second folder
+    assert (folder / "config.yaml").is_file() and (folder / "config-resume-1.yaml").is_file()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 20  # kept as it was
+
+    rows = csv_rows(folder)
+    assert rows[:len(before)] == [{k: r.get(k, "") for k in rows[0]} for r in before]  # earlier rows kept
+    train_steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 25
+    val = {int(r["step"]): float(r["val/wall_time_s"]) for r in rows if r["val/wall_time_s"]}
+    assert sorted(val) == [9, 19, 29] and val[29] > val[19] > val[9]  # wall time goes on from the checkpoint
+
+    ids = {wandb_id(p) for p in (folder / "wandb").glob("offline-run-*")}
+    assert len(list((folder / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # the same wandb run id
+    resumed = compare_runs.read_wandb_offline(sorted((folder / "wandb").glob("offline-run-*"))[-1])
+    assert sorted(resumed.history["val/loss"]) == [29]
+
+
+def test_a_two_process_run_logs_into_one_run_folder(text_file, tmp_path):
+    """DDP on CPU (gloo): the worker process takes its launcher's run id, and only rank 0 writes."""
+    cmd = [sys.executable, str(REPO / "train.py"), *tiny_run(text_file, tmp_path, "--trainer.max_steps", "10",
+           "--trainer.val_check_interval", "5", "--trainer.strategy", "ddp", "--trainer.devices", "2")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder, = run_folders(tmp_path)
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and len(list((folder / "wandb").glob("offline-run-*"))) == 1
+    assert {int(r["step"]) for r in csv_rows(folder) if r["val/loss"]} == {4, 9}
+
+
+def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
+    with pytest.raises(ValueError, match="--ckpt_path last: give the checkpoint's path"):
+        fit(text_file, tmp_path, "--ckpt_path", "last")
+    fit(text_file, tmp_path, "--run.id", "fixed", "--trainer.max_steps", "2")
+    with pytest.raises(ValueError, match="exists already: choose another --run.id, or resume that run"):
+        fit(text_file, tmp_path, "--run.id", "fixed", "--trainer.max_steps", "2")
+
+
+def test_compare_runs_bad_input(tmp_path):
+    with pytest.raises(compare_runs.CompareError, match="does not exist"):
+        compare_runs.main([str(tmp_path / "nope")])
+    with pytest.raises(compare_runs.CompareError, match="no metrics.csv and no .wandb file"):
+        compare_runs.main([str(tmp_path)])
+    with pytest.raises(compare_runs.CompareError, match="give run folders to compare"):
+        compare_runs.main([])
+    with pytest.raises(compare_runs.CompareError, match="--filters is not JSON"):
+        compare_runs.main(["--wandb", "me/proj", "--filters", "{nope"])
