@@ -195,7 +195,7 @@ def table(runs: list[Run], metric: str) -> str:
     """A Markdown table: one row per run, the differing settings, then steps, time and metrics."""
     settings = differing(runs)
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
-    header = ["run", *settings, "steps", "time (min)", f"best {metric}", f"final {metric}", "final train/loss",
+    header = ["run", *settings, "last step", "time (min)", f"best {metric}", f"final {metric}", "final train/loss",
               *finals]
     rows = []
     for run in runs:
@@ -234,9 +234,10 @@ def plot(runs: list[Run], metric: str, path: str) -> None:
         axis.set_xlabel(xlabel)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
-    by_step.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles, labels = by_step.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -264,6 +265,10 @@ def main(argv=None):
         runs += read_wandb_project(args.wandb, filters, args.limit)
     if not runs:
         raise CompareError(f"no runs found in wandb project {args.wandb!r} with these filters")
+    names = [run.name for run in runs]
+    for i, run in enumerate(runs):  # runs of one config share a default name: tell them apart by id
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({run.config.get('run_id') or i + 1})"
     if not any(args.metric in run.history for run in runs):
         raise CompareError(f"no run logged {args.metric!r}; logged: "
                            f"{', '.join(sorted({k for run in runs for k in run.history}))}")

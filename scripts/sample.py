@@ -1,6 +1,6 @@
 """Sample text from a trained checkpoint.
 
-    python scripts/sample.py --ckpt runs/shakespeare_char_cpu/version_0/checkpoints/last.ckpt --prompt "ROMEO:"
+    python scripts/sample.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --prompt "ROMEO:"
     python scripts/sample.py --ckpt model.ckpt --prompt-file prompt.txt --num-samples 3 --temperature 0.8 \\
         --top-k 200 --max-new-tokens 500 --stop "\\n\\n" --stream
 

@@ -1,6 +1,6 @@
 """Translate with a trained seq2seq checkpoint, or score it with sacreBLEU on a parallel file pair.
 
-    python scripts/translate.py --ckpt runs/multi30k_de_en/version_0/checkpoints/last.ckpt --text "Ein Hund rennt."
+    python scripts/translate.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --text "Ein Hund rennt."
     python scripts/translate.py --ckpt model.ckpt --file sentences.de > sentences.en      # one sentence per line
     cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1             # stdin, greedy
     python scripts/translate.py --ckpt model.ckpt --eval val.de.gz val.en.gz --output hyps.en

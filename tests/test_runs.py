@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,13 @@ def test_compare_runs_bad_input(tmp_path):
         compare_runs.main([])
     with pytest.raises(compare_runs.CompareError, match="--filters is not JSON"):
         compare_runs.main(["--wandb", "me/proj", "--filters", "{nope"])
+
+
+def test_compare_runs_without_a_wandb_login_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(compare_runs.CompareError, match="cannot read wandb project 'me/proj'.*wandb login"):
+        compare_runs.main(["--wandb", "me/proj"])
+    assert time.perf_counter() - start < 30
