@@ -591,7 +591,11 @@ class CLI(LightningCLI):
                              f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
         ckpt = _read_checkpoint(ckpt_path, "cpu", self.model.kind)
         info = ckpt.get("run")
-        return (info, ckpt["global_step"]) if info else None
+        if info is None:
+            return None
+        if Path(ckpt_path).parent.name == "checkpoints":  # the run's folder, wherever it has been moved to
+            info = {**info, "dir": str(Path(ckpt_path).parent.parent)}
+        return info, ckpt["global_step"]
 
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback

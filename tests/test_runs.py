@@ -104,7 +104,7 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
 
 def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_path):
     fit(text_file, tmp_path, "--trainer.max_steps", "20")
-    folder, = run_folders(tmp_path)
+    folder = run_folders(tmp_path)[0].rename(tmp_path / "mini-gpt" / "moved")  # the run folder can be moved
     before = csv_rows(folder)
     fit(text_file, tmp_path, "--trainer.max_steps", "30", "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
     assert run_folders(tmp_path) == [folder]  # no second folder
