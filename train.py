@@ -15,10 +15,13 @@ import json
 import math
 import netrc
 import os
+import random
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +37,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -63,6 +67,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM, after saving a checkpoint to resume from."""
+
+    def __init__(self, signum: int, step: int, path: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Resume with "
+                         f"the same command and --ckpt_path {path}")
+
+
 class TrainModule(L.LightningModule):
     """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr`` stepped per
     optimizer step, and the tokenizer, taken from the data module and saved in every checkpoint.
@@ -75,6 +92,7 @@ class TrainModule(L.LightningModule):
         self.run_info: dict | None = None  # the run's id, name and folder (set by the CLI), kept in checkpoints
         self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
         self._fit_start: float | None = None
+        self._rng_to_restore: dict | None = None
 
     def _build_model(self, config, config_class, model_class):
         """``self.model`` from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
@@ -111,6 +129,17 @@ class TrainModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss, or NonFiniteLoss before it reaches the weights (the last checkpoint stays the last good one)."""
+        if not torch.isfinite(loss):
+            ckpt = self.trainer.checkpoint_callback
+            last = ckpt.last_model_path if ckpt is not None else ""
+            where = f"{last} is the last good checkpoint: resume from it" if last else "no checkpoint yet: start again"
+            raise NonFiniteLoss(f"the training loss is {loss.item()} at step {self.global_step}; training stopped "
+                                f"before it changed the weights. {where} with a lower --model.lr, "
+                                f"--trainer.gradient_clip_val, or 32-true precision")
+        return loss
+
     def on_validation_epoch_start(self):
         self._val_nll = torch.zeros(2, device=self.device)  # NLL summed over target tokens, and their count
 
@@ -128,6 +157,15 @@ class TrainModule(L.LightningModule):
     def on_fit_start(self):  # after a resume's on_load_checkpoint
         self._fit_start = time.perf_counter() - self._elapsed_before
 
+    def on_train_start(self):  # the last hook before the first step: nothing draws random numbers after it
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            version, state, gauss = self._rng_to_restore["python"]
+            random.setstate((version, tuple(state), gauss))
+            self._rng_to_restore = None
+
     def wall_time(self) -> float:
         """Seconds since this run's training started, resumes included (time between them left out)."""
         return time.perf_counter() - self._fit_start if self._fit_start is not None else self._elapsed_before
@@ -140,6 +178,9 @@ class TrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
         checkpoint["wall_time_s"] = self.wall_time()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}  # dropout, ...
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.run_info is not None:
             checkpoint["run"] = self.run_info
         if self.tokenizer is not None:
@@ -149,6 +190,7 @@ class TrainModule(L.LightningModule):
         if checkpoint.get("model_kind", "gpt") != self.kind:
             raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a {self.kind} run")
         self._elapsed_before = checkpoint.get("wall_time_s", 0.0)
+        self._rng_to_restore = checkpoint.get("rng_states")
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
 
@@ -193,7 +235,7 @@ class GPTLightningModule(TrainModule):
         x, y = batch
         _, loss = self.model(x, y)
         self.log("train/loss", loss, prog_bar=True)
-        return loss
+        return self._finite(loss)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -289,7 +331,7 @@ class Seq2SeqLightningModule(TrainModule):
         src, tgt_in, tgt_out = batch
         _, loss = self.model(src, tgt_in, tgt_out)
         self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
-        return loss
+        return self._finite(loss)
 
     def validation_step(self, batch, batch_idx):
         src, tgt_in, tgt_out = batch
@@ -362,7 +404,7 @@ def _read_checkpoint(path: str, device: str, kind: str) -> dict:
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file complete, "
                          f"and was it written by train.py?") from None
@@ -413,6 +455,63 @@ class Throughput(ThroughputMonitor):
             self.available_flops = self.peak_flops
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.peak_flops
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, flushes it to disk, then renames it into place: a
+    crash while saving leaves the previous file whole, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial_path = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial_path, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial_path, path)
+        finally:
+            partial_path.unlink(missing_ok=True)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (here: the best by val/loss, and last.ckpt), with two more guarantees.
+
+    - last.ckpt holds the final step: it is saved at the last training batch. (Lightning saves it at the end
+      of training only when no validation did, and after the EMA callback has put the average in the model.)
+    - Ctrl-C or SIGTERM: the current step finishes, last.ckpt is saved and training stops with Interrupted;
+      the same command with ``--ckpt_path`` that checkpoint resumes. A second Ctrl-C stops at once.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        self._signal, self._final_step = None, None
+        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
+            for signum in (signal.SIGINT, signal.SIGTERM):  # Lightning's own restores the originals at teardown
+                signal.signal(signum, self._stop_after_this_step)
+
+    def _stop_after_this_step(self, signum, frame):
+        self._signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        rank_zero_info(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                       f"(Ctrl-C again to stop at once, without one)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stop = self._signal is not None
+        if trainer.world_size > 1:  # one process was signalled: all stop together
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path)  # a validation at this step may save it again, with its score
+            self._final_step = trainer.global_step
+            if stop:
+                raise Interrupted(self._signal or signal.SIGTERM, trainer.global_step, path)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._final_step != trainer.global_step:  # training ended another way (epochs, time between steps)
+            super().on_train_end(trainer, pl_module)
 
 
 @dataclass
@@ -536,7 +635,7 @@ class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(KINDS), default="gpt", help="the model to train")
         parser.add_class_arguments(RunConfig, "run")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
                              "checkpoint.save_last": True, "checkpoint.filename": "best-{step}"})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -561,6 +660,12 @@ class CLI(LightningCLI):
         resumed = self._resumed_run(config.get("ckpt_path")) if self.subcommand == "fit" else None
         if resumed:
             run_id, name, run_dir = resumed[0]["id"], resumed[0]["name"], Path(resumed[0]["dir"])
+        if self._checkpoint is not None and "tokenizer" in self._checkpoint:
+            ours = getattr(self.datamodule, "tokenizer", None)
+            if ours is not None and ours.to_dict() != self._checkpoint["tokenizer"]:
+                raise ValueError(f"{config.ckpt_path} was trained with another vocabulary than this data's "
+                                 f"tokenizer ({ours.vocab_size} tokens): use it with the data and --data.tokenizer "
+                                 f"it was trained with")
         elif run_dir.exists() and not _LAUNCHER_RUN_ID:
             raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, or resume that run "
                              f"with --ckpt_path {run_dir}/checkpoints/last.ckpt")
@@ -578,24 +683,44 @@ class CLI(LightningCLI):
                                mode=wandb_mode(run.mode), job_type=self.subcommand),
                    *extra]
         rank_zero_info(f"Run {name}, id {run_id}: {run_dir}" + (f" (resumed at step {resumed[1]})" if resumed else ""))
-        return super().instantiate_trainer(**{**kwargs, "logger": loggers})
+        plugins = config.trainer.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{**kwargs, "logger": loggers, "plugins": plugins})
+
+    def _parse_ckpt_path(self):
+        """Lightning's (it applies the checkpoint's model hyperparameters to the config), after a check that
+        turns a missing, truncated or foreign checkpoint into a clear error. The checkpoint is kept for
+        instantiate_trainer."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in ("last", "best", "hpc", "registry"):
+            raise ValueError(f"--ckpt_path {ckpt_path}: give the checkpoint's path, e.g. "
+                             f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own folder, where "
+                             f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
+        self._checkpoint = _read_checkpoint(ckpt_path, "cpu", self._model_class.kind) if ckpt_path else None
+        super()._parse_ckpt_path()
 
     def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
         """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its step;
         None to start a new run."""
         if not ckpt_path:
             return None
-        if ckpt_path in ("last", "best", "hpc", "registry"):
-            raise ValueError(f"--ckpt_path {ckpt_path}: give the checkpoint's path, e.g. "
-                             f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own folder, where "
-                             f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
-        ckpt = _read_checkpoint(ckpt_path, "cpu", self.model.kind)
+        ckpt = self._checkpoint
         info = ckpt.get("run")
         if info is None:
             return None
         if Path(ckpt_path).parent.name == "checkpoints":  # the run's folder, wherever it has been moved to
             info = {**info, "dir": str(Path(ckpt_path).parent.parent)}
         return info, ckpt["global_step"]
+
+    def _run_subcommand(self, subcommand):
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:  # interrupted, or failed: close the wandb run as failed (a resume reopens it)
+            self.finish_run(exit_code=1)
+            raise
 
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback
@@ -613,13 +738,13 @@ class CLI(LightningCLI):
     def report(self):
         """What a kind prints and logs once training has ended."""
 
-    def finish_run(self):
+    def finish_run(self, exit_code: int = 0):
         """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
         os.environ.pop("MINIGPT_RUN_ID", None)
         for logger in self.trainer.loggers:
             logger.save()
             if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
-                logger.experiment.finish()
+                logger.experiment.finish(exit_code=exit_code)
 
 
 class GPTCLI(CLI):
@@ -697,10 +822,20 @@ def main(args=None):
                save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False})
 
 
-if __name__ == "__main__":
+def cli(args=None) -> int:
+    """``main`` as a command: bad input, Ctrl-C and SIGTERM end in a message and an exit status, not a traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix, not a traceback
+        main(args)
+    except Interrupted as e:  # a checkpoint was saved: exit as a signalled process does
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix
         if os.environ.get("MINIGPT_TRACEBACK"):
             raise
-        sys.exit(f"error: {e}\n(set MINIGPT_TRACEBACK=1 to see the traceback)")
+        print(f"error: {e}\n(set MINIGPT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

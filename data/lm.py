@@ -2,7 +2,8 @@
 
 Training batches are random windows of ``block_size + 1`` tokens (x = window[:-1],
 y = window[1:]), drawn endlessly, as nanoGPT does; each process (DDP rank,
-loader worker) draws from its own random stream. Validation batches are the
+loader worker) draws from its own random stream, and a resumed run goes on
+where the stream stopped. Validation batches are the
 split cut into consecutive windows, in a fixed shuffled order, so every
 evaluation sees the same batches and ``limit_val_batches`` takes a spread-out
 sample of the split rather than its beginning.
@@ -20,26 +21,40 @@ from .corpus import DataSourceError, TokenizedCorpus, prepare_corpus
 from .tokenizers import check_tokenizer_name
 
 
+def batches_trained(trainer) -> int:
+    """Training batches this process has trained on: none in a new run; a resumed one (whose step is
+    restored before its loaders are made) goes on from there."""
+    return trainer.global_step * trainer.accumulate_grad_batches
+
+
 def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.from_numpy(windows.astype(np.int64))  # (B, block_size + 1)
     return w[:, :-1], w[:, 1:]
 
 
 class RandomWindows(IterableDataset):
-    """Endless batches of ``batch_size`` random windows; one random stream per (seed, rank, worker)."""
+    """Endless batches of ``batch_size`` random windows; one random stream per (seed, rank, worker).
+
+    ``start`` batches are skipped, so that a resumed run sees the batches an uninterrupted one would (with
+    the same ``num_workers``): the loader takes batch k from worker k % W, so worker w takes up the stream
+    of worker (w + start) % W, fast-forwarded past the batches that stream already gave."""
 
     def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0):
+                 rank: int = 0, start: int = 0):
         self.corpus, self.split = corpus, split
-        self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
+        self.block_size, self.batch_size, self.seed, self.rank, self.start = block_size, batch_size, seed, rank, start
 
     def __iter__(self):
         tokens = self.corpus.tokens(self.split)  # memory-mapped, opened in the worker
         worker = get_worker_info()
-        rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0])
-        span = np.arange(self.block_size + 1)
+        num_workers = worker.num_workers if worker else 1
+        stream = ((worker.id if worker else 0) + self.start) % num_workers
+        rng = np.random.default_rng([self.seed, self.rank, stream])
+        high, span = len(tokens) - self.block_size, np.arange(self.block_size + 1)
+        for _ in range(stream, self.start, num_workers):  # the draws of the batches already trained on
+            rng.integers(0, high, size=self.batch_size)
         while True:
-            starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+            starts = rng.integers(0, high, size=self.batch_size)
             yield _windows_to_xy(tokens[starts[:, None] + span])
 
 
@@ -114,13 +129,16 @@ class LMDataModule(L.LightningDataModule):
                                       f"block_size + 1 = {need}; use a smaller --data.block_size or more text")
 
     def _loader(self, dataset) -> DataLoader:
+        # its own generator: making an iterator draws a seed from it, which would shift the global one that
+        # dropout uses, and a resumed run (new iterator) would then differ from an uninterrupted one
         return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size, hp.seed, rank))
+        rank, done = (self.trainer.global_rank, batches_trained(self.trainer)) if self.trainer is not None else (0, 0)
+        return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size, hp.seed, rank, done))
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

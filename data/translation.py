@@ -14,7 +14,8 @@ side are dropped; pairs longer than ``max_len`` tokens (source, or target plus b
 """
 
 import re
-from functools import cached_property
+from collections.abc import Callable
+from functools import cached_property, partial
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from .corpus import HUB_ID, DataSourceError, load_hub
+from .lm import batches_trained
 from .tokenizers import BPETokenizer
 
 MULTI30K_HINT = ("the Multi30k text is at https://github.com/multi30k/dataset (data/task1/raw); a folder with "
@@ -130,12 +132,15 @@ def token_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator
 
 class PairBatches(IterableDataset):
     """Padded (src, tgt_in, tgt_out) batches of token-id pairs, regrouped and reshuffled at every pass.
-    Each rank of a multi-process run takes every world_size-th batch (the same number on every rank)."""
+    Each rank of a multi-process run takes every world_size-th batch (the same number on every rank).
+
+    ``position``, when given, returns how many batches training has taken; each pass starts from there
+    (the epoch and the place in it), so that a resumed run sees the batches an uninterrupted one would."""
 
     def __init__(self, src: list[list[int]], tgt: list[list[int]], max_tokens: int, shuffle: bool, seed: int = 0,
                  pad_id: int = BPETokenizer.pad_id, bos_id: int = BPETokenizer.bos_id,
-                 eos_id: int = BPETokenizer.eos_id):
-        self.src, self.tgt = src, tgt
+                 eos_id: int = BPETokenizer.eos_id, position: Callable[[], int] | None = None):
+        self.src, self.tgt, self.position = src, tgt, position
         self.lengths = np.array([max(len(s), len(t) + 1) for s, t in zip(src, tgt, strict=True)])
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -157,9 +162,12 @@ class PairBatches(IterableDataset):
         return out
 
     def __iter__(self):
+        skip = 0
+        if self.position is not None:
+            self.epoch, skip = divmod(self.position(), len(self))
         batches = self._batches()
         self.epoch += 1
-        for index in batches:
+        for index in batches[skip:]:
             src = self._pad([self.src[i] for i in index])
             tgt_in = self._pad([[self.bos_id, *self.tgt[i]] for i in index])
             tgt_out = self._pad([[*self.tgt[i], self.eos_id] for i in index])
@@ -238,13 +246,17 @@ class TranslationDataModule(L.LightningDataModule):
         data = PairBatches(*self.ids[split], self.hparams.max_tokens, shuffle, seed=self.hparams.seed)
         if self.trainer is not None:
             data.rank, data.world_size = self.trainer.global_rank, self.trainer.world_size
+            if shuffle:
+                data.position = partial(batches_trained, self.trainer)
         return data
 
     def setup(self, stage: str):
         self.ids  # noqa: B018  load, train the vocabulary and tokenize once, before any loader
 
-    def train_dataloader(self):
-        return DataLoader(self._dataset("train", shuffle=True), batch_size=None)
+    def train_dataloader(self):  # own generator: see LMDataModule._loader
+        return DataLoader(self._dataset("train", shuffle=True), batch_size=None,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self):
-        return DataLoader(self._dataset("val", shuffle=False), batch_size=None)
+        return DataLoader(self._dataset("val", shuffle=False), batch_size=None,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
