@@ -213,3 +213,21 @@ def test_prepare_data_script_fills_the_cache_that_training_reads(text_file, cach
     corpus = prepare_corpus(str(text_file), "char", cache_dir=cache_dir)  # a cache hit: same folder
     assert result.stdout.splitlines()[0] == str(corpus.folder)
     assert f"train: {corpus.num_tokens['train']:,} tokens" in result.stdout
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_tokenizing_in_parallel_processes_writes_the_same_token_arrays(tmp_path, tokenizer):
+    """Tokenization runs in num_proc processes and streams into the token arrays: the same tokens as one process,
+    documents in order, across shard files."""
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "quickly", "Über"]
+    for shard in range(3):
+        with gzip.open(tmp_path / f"docs-{shard}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for _ in range(1500):
+                f.write(json.dumps({"text": " ".join(rng.choice(words, size=rng.integers(5, 30)))}) + "\n")
+    source = str(tmp_path / "docs-*.jsonl.gz")
+    one = prepare_corpus(source, tokenizer, cache_dir=tmp_path / "one")
+    two = prepare_corpus(source, tokenizer, cache_dir=tmp_path / "two", num_proc=2)
+    for split in ("train", "val"):
+        assert np.array_equal(one.tokens(split), two.tokens(split))
+    assert one.num_tokens == two.num_tokens and one.num_tokens["train"] > 100_000
