@@ -177,10 +177,13 @@ def load(path_text: str) -> Run:
 # ------------------------------------------------------------------ output
 
 
-def differing(runs: list[Run]) -> list[str]:
-    """The settings whose values are not the same in every run (absent counts as a value)."""
-    keys = sorted({k for run in runs for k in run.config if k not in IGNORED})
-    return [k for k in keys if len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1]
+def differing(runs: list[Run], all_settings: bool = False) -> list[str]:
+    """The settings whose values are not the same in every run. Settings that only some runs have (runs of
+    another model kind, or of older code) count only with ``all_settings``, absent counting as a value."""
+    keys = {k for run in runs for k in run.config if k not in IGNORED}
+    if not all_settings:
+        keys = {k for k in keys if all(k in run.config for run in runs)}
+    return [k for k in sorted(keys) if len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1]
 
 
 def _format(value) -> str:
@@ -191,9 +194,9 @@ def _format(value) -> str:
     return str(value)
 
 
-def table(runs: list[Run], metric: str) -> str:
+def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
     """A Markdown table: one row per run, the differing settings, then steps, time and metrics."""
-    settings = differing(runs)
+    settings = differing(runs, all_settings)
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
     header = ["run", *settings, "last step", "time (min)", f"best {metric}", f"final {metric}", "final train/loss",
               *finals]
@@ -249,6 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=20, help="with --wandb: at most this many runs, newest first")
     p.add_argument("--metric", default="val/loss", help="the metric to rank and plot")
     p.add_argument("--plot", default="compare_runs.png", help="where to write the PNG")
+    p.add_argument("--all-settings", action="store_true",
+                   help="also settings that only some of the runs have (by default, those all runs have)")
     return p.parse_args(argv)
 
 
@@ -272,7 +277,7 @@ def main(argv=None):
     if not any(args.metric in run.history for run in runs):
         raise CompareError(f"no run logged {args.metric!r}; logged: "
                            f"{', '.join(sorted({k for run in runs for k in run.history}))}")
-    print(table(runs, args.metric))
+    print(table(runs, args.metric, args.all_settings))
     plot(runs, args.metric, args.plot)
     print(f"\nWrote {args.plot}: {args.metric} against step and wall time")
 
