@@ -82,10 +82,13 @@ class Interrupted(Exception):
 
 class TrainModule(L.LightningModule):
     """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr`` stepped per
-    optimizer step, and the tokenizer, taken from the data module and saved in every checkpoint.
-    Subclasses set ``self.model`` (with a ``config``) and ``kind``."""
+    optimizer step; the tokenizer, taken from the data module; val perplexity, gradient norm and wall time;
+    and, in every checkpoint, what Lightning does not keep itself: the tokenizer, the random states, the
+    wall time and the run's folder. Subclasses set ``self.model`` (with a ``config``), ``kind``, and
+    ``shape`` (layers and width, for run names)."""
 
     kind: str
+    shape: str
 
     def __init__(self):
         super().__init__()
@@ -172,8 +175,8 @@ class TrainModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping, after AMP unscaling
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
@@ -212,6 +215,10 @@ class GPTLightningModule(TrainModule):
     """
 
     kind = "gpt"
+
+    @property
+    def shape(self) -> str:
+        return f"{self.model.config.n_layer}L{self.model.config.n_embd}d"
 
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 100, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
@@ -308,6 +315,11 @@ class Seq2SeqLightningModule(TrainModule):
     """
 
     kind = "seq2seq"
+
+    @property
+    def shape(self) -> str:
+        c = self.model.config
+        return f"{c.n_encoder_layer}+{c.n_decoder_layer}L{c.n_embd}d"
 
     def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 400, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
@@ -642,18 +654,13 @@ class CLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
 
-    @staticmethod
-    def model_shape(config) -> str:
-        raise NotImplementedError
-
     def instantiate_trainer(self, **kwargs):
         """The Trainer, logging into the run's folder: a new one, or that of the run a fit resumes."""
         config = self.config_init[self.subcommand]
         run: RunConfig = config.run
         files = config.get("config") or []
         stem = Path(str(files[-1])).stem if files else self.model.kind
-        model_config = self.model.model.config
-        name = run.name or (f"{stem}-{self.model_shape(model_config)}-{model_config.attn_impl}-"
+        name = run.name or (f"{stem}-{self.model.shape}-{self.model.model.config.attn_impl}-"
                             f"{config.trainer.get('precision') or '32'}")
         run_id = run.id or _LAUNCHER_RUN_ID or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         run_dir = Path(run.save_dir) / run.project / (re.sub(r"[^\w.+-]", "_", name) + f"-{run_id}")
@@ -748,10 +755,6 @@ class CLI(LightningCLI):
 
 
 class GPTCLI(CLI):
-    @staticmethod
-    def model_shape(config) -> str:
-        return f"{config.n_layer}L{config.n_embd}d"
-
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         # the data decides the context length and the vocabulary; the model follows
@@ -760,10 +763,6 @@ class GPTCLI(CLI):
 
 
 class Seq2SeqCLI(CLI):
-    @staticmethod
-    def model_shape(config) -> str:
-        return f"{config.n_encoder_layer}+{config.n_decoder_layer}L{config.n_embd}d"
-
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.max_len", "model.config.max_len")
