@@ -16,9 +16,15 @@ Attention paths (``attn_impl``)
   backward) in readable PyTorch; see ``model/tiled_attention.py``. No dropout.
 
 Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry.
+
+Seeing the weights: ``capture_attention(model)`` (at the end of this file) records the weights of every
+attention module of a model, through the reference path, during the forward passes inside its block.
 """
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +168,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.capture: Callable[[Tensor], None] | None = None  # set by capture_attention: receives the weights
 
     def _split_heads(self, t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
         B, T, C = t.shape
@@ -201,9 +208,11 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         causal = self.causal and T_q > 1  # a single (newest) query sees every key: no mask needed
 
-        if return_weights:
+        if return_weights or self.capture is not None:
             mask = build_mask(T_q, T_k, causal, key_mask, x.device)
             y, weights = naive_attention(q, k, v, mask, dropout_p)
+            if self.capture is not None:
+                self.capture(weights.detach())
         else:
             kernel = ATTENTION_KERNELS[self.attn_impl]
             y = kernel(q, k, v, causal=causal, key_mask=key_mask, dropout_p=dropout_p)
@@ -211,3 +220,26 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T_q, C)  # re-assemble the heads side by side
         y = self.resid_dropout(self.out_proj(y))
         return (y, weights) if return_weights else y
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Record the attention weights of every MultiHeadAttention in ``model`` during the forward passes run
+    inside the ``with`` block: they go through the reference path (whatever ``attn_impl`` the model was
+    built with; the outputs are the same) and the yielded dict maps each module's name, e.g.
+    ``blocks.0.attn`` or ``decoder.1.cross_attn``, to its weights (B, nh, T_q, T_k) of the latest pass.
+    Outside the block nothing is recorded and the fused paths run as usual.
+
+        with capture_attention(model) as weights:
+            model(idx)
+        weights["blocks.0.attn"][0, 2]  # (T, T): head 2 of layer 0 for the first sequence
+    """
+    weights: dict[str, Tensor] = {}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
+    for name, module in modules.items():
+        module.capture = partial(weights.__setitem__, name)
+    try:
+        yield weights
+    finally:
+        for module in modules.values():
+            module.capture = None
