@@ -412,7 +412,7 @@ class EMA(WeightAveraging):
         super().__init__(multi_avg_fn=update, use_buffers=True)
 
 
-def _read_checkpoint(path: str, device: str, kind: str) -> dict:
+def _read_checkpoint(path: str, device: str, kind: str | None) -> dict:
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}")
     try:
@@ -423,27 +423,34 @@ def _read_checkpoint(path: str, device: str, kind: str) -> dict:
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this project (it has no model config or tokenizer)")
-    if ckpt.get("model_kind", "gpt") != kind:
+    if kind is not None and ckpt.get("model_kind", "gpt") != kind:
         raise ValueError(f"{path} holds a {ckpt['model_kind']} model, not a {kind} one")
     return ckpt
 
 
-def _load_model(path: str, device: str, kind: str, model_class, config_class):
+MODELS = {"gpt": (GPT, GPTConfig), "seq2seq": (Seq2SeqTransformer, Seq2SeqConfig)}
+
+
+def load_checkpoint(path: str, device: str = "cpu", kind: str | None = None):
+    """The model (in eval mode), tokenizer and kind of a checkpoint written by train.py, GPT or seq2seq
+    (or only ``kind``); nothing else needed. Raises ValueError, saying why, for a missing, unreadable or
+    foreign file."""
     ckpt = _read_checkpoint(path, device, kind)
+    kind = ckpt.get("model_kind", "gpt")
+    model_class, config_class = MODELS[kind]
     model = model_class(config_class(**ckpt["hyper_parameters"]["config"]))
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
-    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"]), kind
 
 
 def load_gpt_checkpoint(path: str, device: str = "cpu"):
-    """The GPT (in eval mode) and tokenizer of a checkpoint written by train.py; nothing else needed.
-    Raises ValueError, saying why, for a missing, unreadable or foreign file."""
-    return _load_model(path, device, "gpt", GPT, GPTConfig)
+    """The GPT (in eval mode) and tokenizer of a checkpoint; see ``load_checkpoint``."""
+    return load_checkpoint(path, device, "gpt")[:2]
 
 
 def load_seq2seq_checkpoint(path: str, device: str = "cpu"):
-    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see ``load_gpt_checkpoint``."""
-    return _load_model(path, device, "seq2seq", Seq2SeqTransformer, Seq2SeqConfig)
+    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see ``load_checkpoint``."""
+    return load_checkpoint(path, device, "seq2seq")[:2]
 
 
 class Throughput(ThroughputMonitor):
