@@ -88,7 +88,7 @@ def plot(maps, rows: list[str], cols: list[str], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ncols = min(4, len(maps))
+    ncols = math.ceil(math.sqrt(len(maps)))  # a square-ish grid
     nrows = math.ceil(len(maps) / ncols)
     size = max(3.0, 0.22 * max(len(rows), len(cols)) + 1.5)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False,
