@@ -1,8 +1,8 @@
 # `make train` and `make test` set everything up on first use: a virtual environment in .venv,
 # PyTorch (the build pip picks for this machine, or TORCH=...), and this project with its dev tools.
 #
-#   make train                                  # CPU config on Tiny Shakespeare from the hub
-#   make train DATA=path/to/input.txt           # ... from a local file (offline)
+#   make train                                  # CPU config on Tiny Shakespeare (ships in data/, offline)
+#   make train DATA=path/to/input.txt           # ... on your own text (a file, folder, glob or hub id)
 #   make train CONFIG=configs/shakespeare_char.yaml ARGS="--trainer.max_steps 500"
 #   make test                                   # the test suite (pytest)
 #   make install TORCH="torch==2.13.0"          # pin the torch requirement (e.g. a local CPU build)
@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch
 CONFIG ?= configs/shakespeare_char_cpu.yaml
-DATA   ?= karpathy/tiny_shakespeare
+DATA   ?=
 ARGS   ?=
 
 BIN   := $(VENV)/bin
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/python train.py fit --config $(CONFIG) --data.source $(DATA) $(ARGS)
+	$(BIN)/python train.py fit --config $(CONFIG) $(if $(DATA),--data.source $(DATA)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -18,12 +18,13 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -40,12 +42,21 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
+from sacrebleu.metrics import BLEU
 from torch import nn
 from torch.nn import functional as F
 
 from data import LMDataModule, tokenizer_from_dict
 from data.translation import TranslationDataModule, token_batches
 from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer, beam_search, greedy_search
+from model.device import (
+    DeviceInfo,
+    choose_attn_impl,
+    choose_precision,
+    device_info,
+    resolve_device,
+    slow_precision_warning,
+)
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -293,10 +304,16 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
 
 def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """sacreBLEU on detokenized text: the standard cased score and the lowercased one."""
-    import sacrebleu
+    return {"bleu": BLEU().corpus_score(hypotheses, [references]).score,
+            "bleu_lc": BLEU(lowercase=True).corpus_score(hypotheses, [references]).score}
 
-    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-            "bleu_lc": sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True).score}
+
+def bleu_signature() -> str:
+    """sacreBLEU's signature of the cased score (one reference), which says how the scores were computed:
+    quote it beside them. The lowercase score's differs only in ``case:lc``."""
+    metric = BLEU()
+    metric.corpus_score(["a"], [["a"]])  # the signature needs the number of references, known after a score
+    return str(metric.get_signature())
 
 
 class Seq2SeqLightningModule(TrainModule):
@@ -382,8 +399,8 @@ class Seq2SeqLightningModule(TrainModule):
         sources, references = self.trainer.datamodule.texts["val"]
         examples = [[self.global_step, sources[i], hypotheses[i], references[i]] for i in range(3)]
         rank_zero_info(f"\nStep {self.global_step}: val sacreBLEU {scores['bleu']:.2f} (lowercase "
-                       f"{scores['bleu_lc']:.2f}), greedy\n" + "\n".join(f"  {s}\n  -> {h}\n  (ref: {r})"
-                                                                    for _, s, h, r in examples))
+                       f"{scores['bleu_lc']:.2f}), greedy, {bleu_signature()}\n"
+                       + "\n".join(f"  {s}\n  -> {h}\n  (ref: {r})" for _, s, h, r in examples))
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text("val/translations", columns=["step", "source", "translation", "reference"],
@@ -541,12 +558,13 @@ class RunConfig:
     (``--ckpt_path``) continues that run: the same folder, CSV and wandb run.
 
     Args:
-        project: wandb project, and the folder of its runs under ``save_dir``.
+        project: wandb project, and the folder of its runs under ``save_dir``; default ``$WANDB_PROJECT``,
+            else ``mini-gpt``.
         name: readable run name; default from the config: file stem, model shape, attention path, precision.
-        group: wandb group; default the config file's stem.
-        tags: wandb tags.
+        group: wandb group; default ``$WANDB_RUN_GROUP``, else the config file's stem.
+        tags: wandb tags; default ``$WANDB_TAGS`` (comma-separated).
         notes: wandb notes.
-        entity: wandb user or team; default your wandb default.
+        entity: wandb user or team; default ``$WANDB_ENTITY``, else your wandb default.
         mode: wandb ``online``, ``offline`` (upload later with ``wandb sync``) or ``disabled``; default
             ``$WANDB_MODE``, else online where a wandb API key is set up, else offline.
         id: run id; default new for each run (a date and 4 random hex digits). Give it to resume a wandb run
@@ -554,15 +572,24 @@ class RunConfig:
         save_dir: folder of the projects' run folders.
     """
 
-    project: str = "mini-gpt"
+    project: str | None = None
     name: str | None = None
     group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] | None = None
     notes: str | None = None
     entity: str | None = None
     mode: Literal["online", "offline", "disabled"] | None = None
     id: str | None = None
     save_dir: str = "runs"
+
+    def with_environment(self, stem: str) -> "RunConfig":
+        """The settings the config leaves unset, taken from wandb's environment variables as wandb itself
+        would (WANDB_MODE is read by ``wandb_mode``), else from our defaults."""
+        env = os.environ.get
+        tags = self.tags if self.tags is not None else [t.strip() for t in env("WANDB_TAGS", "").split(",")]
+        return replace(self, project=self.project or env("WANDB_PROJECT") or "mini-gpt",
+                       group=self.group or env("WANDB_RUN_GROUP") or stem, tags=[t for t in tags if t],
+                       entity=self.entity or env("WANDB_ENTITY"))
 
 
 # a multi-process run's worker processes start from the command line again: they take the id their
@@ -625,6 +652,10 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+# wandb run summaries keep the best value of these (and the last): val loss is best low, BLEU high
+SUMMARY_METRICS = {"val/loss": "min", "val/ppl": "min", "val/bleu": "max", "val/bleu_lc": "max"}
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Writes the resolved config into the run folder, as config.yaml (config-resume-N.yaml at the N-th
     resume: nothing is overwritten), and logs it to every logger with the parameter count and the git commit,
@@ -641,9 +672,59 @@ class SaveRunConfig(SaveConfigCallback):
         config = json.loads(json.dumps(self.config.as_dict(), default=str))
         config["config_files"] = config.pop("config", None)
         config.update(n_params=sum(p.numel() for p in pl_module.parameters()), git_commit=git_commit(),
+                      device=device_info(trainer.strategy.root_device.type).describe(),
                       **{f"run_{key}": value for key, value in (pl_module.run_info or {}).items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:  # the runs table sorts on the best
+                for metric, best in SUMMARY_METRICS.items():
+                    logger.experiment.define_metric(metric, summary=f"{best},last")
+
+
+def accelerator_device(accelerator) -> DeviceInfo:
+    """The device a Trainer ``accelerator`` setting trains on, and what it can do."""
+    return device_info(resolve_device(accelerator if isinstance(accelerator, str) else "auto"))
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer, whose ``precision`` also takes ``auto`` (the default): bf16-mixed where the
+    device computes in bf16, else 16-mixed on GPUs and 32-true on CPUs (``model.device.choose_precision``).
+    The CLI resolves ``auto`` before building the Trainer, so that the run's config holds the choice."""
+
+    def __init__(self, *args, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto", **kwargs):
+        if precision == "auto":
+            precision = choose_precision(accelerator_device(kwargs.get("accelerator", "auto")))
+        super().__init__(*args, precision=precision, **kwargs)
+
+
+# Model options a resumed run may change: the attention path and compiling change how it computes, not
+# what. Any other model option that differs from the checkpoint's ends the start with a message.
+RESUME_MAY_CHANGE = ("config.attn_impl", "compile")
+# options the data section sets for the model (CLI.add_arguments_to_parser links them)
+LINKED_FROM_DATA = {"config.block_size": "data.block_size", "config.max_len": "data.max_len"}
+
+
+def _flat(options: dict, prefix: str = "") -> dict:
+    """{"config": {"n_layer": 4}, "lr": 3e-3} -> {"config.n_layer": 4, "lr": 0.003}, with tuples as lists
+    (YAML's and a checkpoint's spellings of the same betas compare equal)."""
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif not key.startswith("_"):  # Lightning's _instantiator, _class_path
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _resume_conflict_message(ckpt_path: str, conflicts: list[tuple[str, object, object]]) -> str:
+    settings = "; ".join(f"{LINKED_FROM_DATA.get(key, f'model.{key}')} is {ours} here but {theirs} in the checkpoint"
+                         for key, theirs, ours in conflicts)
+    run_config = Path(ckpt_path).parent.parent / "config.yaml"
+    how = (f"--config {run_config} (the run's own config)" if run_config.is_file()
+           else "the options the run was started with")
+    return (f"--ckpt_path {ckpt_path} resumes a run with other settings: {settings}. A resumed run keeps its "
+            f"model and training options: resume with {how}, or start a new run without --ckpt_path to train "
+            f"with the new ones")
 
 
 class CLI(LightningCLI):
@@ -661,12 +742,35 @@ class CLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
 
+    def attention_shape(self, config) -> tuple[int, bool]:
+        """The longest sequence the model attends over, and whether it masks padded keys."""
+        raise NotImplementedError
+
+    def before_instantiate_classes(self):
+        """Resolve ``auto`` precision and attention path from what the device can do (model/device.py),
+        in the config itself: the run's config.yaml and wandb config hold the choice, not ``auto``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer, model_config = config.trainer, config.model.config
+        self.device_info = accelerator_device(trainer.accelerator)
+        resolved = []
+        if trainer.precision == "auto":
+            trainer.precision = choose_precision(self.device_info)
+            resolved.append(f"precision auto -> {trainer.precision}")
+        elif (warning := slow_precision_warning(self.device_info, trainer.precision)) is not None:
+            rank_zero_info(f"Warning: {warning}")
+        if model_config.attn_impl == "auto":
+            seq_len, key_mask = self.attention_shape(config)
+            model_config.attn_impl = choose_attn_impl(self.device_info, str(trainer.precision), seq_len=seq_len,
+                                                      key_mask=key_mask, dropout=model_config.dropout)
+            resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
+        rank_zero_info(f"Device: {self.device_info.describe()}" + (f"; {', '.join(resolved)}" if resolved else ""))
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer, logging into the run's folder: a new one, or that of the run a fit resumes."""
-        config = self.config_init[self.subcommand]
-        run: RunConfig = config.run
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         files = config.get("config") or []
         stem = Path(str(files[-1])).stem if files else self.model.kind
+        run: RunConfig = config.run.with_environment(stem)
         name = run.name or (f"{stem}-{self.model.shape}-{self.model.model.config.attn_impl}-"
                             f"{config.trainer.get('precision') or '32'}")
         run_id = run.id or _LAUNCHER_RUN_ID or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -684,7 +788,8 @@ class CLI(LightningCLI):
             raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, or resume that run "
                              f"with --ckpt_path {run_dir}/checkpoints/last.ckpt")
         os.environ["MINIGPT_RUN_ID"] = run_id  # for the worker processes of a multi-process run
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # the folder itself is made when training sets up (SaveRunConfig), so that bad input leaves none
+        self.run_dir, self.resumed = run_dir, resumed is not None
         self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
         checkpoint = config.get("checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
@@ -693,8 +798,8 @@ class CLI(LightningCLI):
         extra = [] if extra is None or isinstance(extra, bool) else extra if isinstance(extra, list) else [extra]
         loggers = [RunCSVLogger(run_dir, resume_step=resumed[1] if resumed else None),
                    WandbLogger(name=name, project=run.project, id=run_id, save_dir=str(run_dir),
-                               group=run.group or stem, tags=run.tags, notes=run.notes, entity=run.entity,
-                               mode=wandb_mode(run.mode), job_type=self.subcommand),
+                               group=run.group, tags=run.tags, notes=run.notes, entity=run.entity,
+                               mode=wandb_mode(run.mode), job_type=self.subcommand or "fit"),
                    *extra]
         rank_zero_info(f"Run {name}, id {run_id}: {run_dir}" + (f" (resumed at step {resumed[1]})" if resumed else ""))
         plugins = config.trainer.get("plugins") or []
@@ -714,7 +819,18 @@ class CLI(LightningCLI):
                              f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own folder, where "
                              f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
         self._checkpoint = _read_checkpoint(ckpt_path, "cpu", self._model_class.kind) if ckpt_path else None
-        super()._parse_ckpt_path()
+        if self._checkpoint is None:
+            return super()._parse_ckpt_path()
+        model = self.config[subcommand].model
+        ours = _flat(model.as_dict())
+        conflicts = [(key, value, ours[key]) for key, value in _flat(self._checkpoint["hyper_parameters"]).items()
+                     if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
+                     and ours[key] != value]
+        if conflicts:
+            raise ValueError(_resume_conflict_message(ckpt_path, conflicts))
+        super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
+        for key in RESUME_MAY_CHANGE:  # ... but these are how the run computes, not what: the command's win
+            self.config[subcommand].model[key] = ours[key]
 
     def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
         """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its step;
@@ -734,6 +850,8 @@ class CLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException:  # interrupted, or failed: close the wandb run as failed (a resume reopens it)
             self.finish_run(exit_code=1)
+            if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a start that failed: no folder left behind
             raise
 
     def after_fit(self):
@@ -756,12 +874,17 @@ class CLI(LightningCLI):
         """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
         os.environ.pop("MINIGPT_RUN_ID", None)
         for logger in self.trainer.loggers:
-            logger.save()
-            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+            started = getattr(logger, "_experiment", True) is not None  # never start a run only to end it
+            if started:
+                logger.save()
+            if started and isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
                 logger.experiment.finish(exit_code=exit_code)
 
 
 class GPTCLI(CLI):
+    def attention_shape(self, config) -> tuple[int, bool]:
+        return config.data.block_size, False
+
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         # the data decides the context length and the vocabulary; the model follows
@@ -770,6 +893,9 @@ class GPTCLI(CLI):
 
 
 class Seq2SeqCLI(CLI):
+    def attention_shape(self, config) -> tuple[int, bool]:
+        return config.data.max_len, True
+
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.max_len", "model.config.max_len")
@@ -785,7 +911,8 @@ class Seq2SeqCLI(CLI):
             hp.length_penalty = module.best_length_penalty()
         scores, _ = module.evaluate_bleu(hp.beam_size)
         rank_zero_info(f"Final val sacreBLEU (beam {hp.beam_size}, length penalty {hp.length_penalty}): "
-                       f"{scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} lowercase. scripts/translate.py: "
+                       f"{scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} lowercase ({bleu_signature()}). "
+                       f"scripts/translate.py: "
                        f"--beam {hp.beam_size} --length-penalty {hp.length_penalty}")
         metrics = {**scores, "length_penalty": hp.length_penalty}
         for logger in self.trainer.loggers:
@@ -824,8 +951,8 @@ TRAINER_DEFAULTS = {
 def main(args=None):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     cli, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
-    return cli(module, data, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS, args=args,
-               save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False})
+    return cli(module, data, trainer_class=Trainer, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS,
+               args=args, save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False})
 
 
 def cli(args=None) -> int:

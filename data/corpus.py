@@ -1,10 +1,12 @@
 """Turn a text source into flat arrays of token ids on disk, once.
 
 A source is a local file, glob or folder of ``.txt``, ``.txt.gz``, ``.jsonl``,
-``.jsonl.gz`` or ``.parquet`` files, or a dataset id on the Hugging Face hub
-(``owner/name``). It is read with ``datasets``, tokenized with ``Dataset.map``
-and written as ``train.bin`` / ``val.bin`` (uint16 where the vocabulary fits)
-in a cache folder keyed by source + tokenizer, so a second run starts at once.
+``.jsonl.gz`` or ``.parquet`` files, a dataset id on the Hugging Face hub
+(``owner/name``), or the name of a text that ships with the project
+(``tiny_shakespeare``, the default: it trains offline on a fresh clone). It
+is read with ``datasets``, tokenized with ``Dataset.map`` and written as
+``train.bin`` / ``val.bin`` (uint16 where the vocabulary fits) in a cache
+folder keyed by source + tokenizer, so a second run starts at once.
 
 Splits: the source's own train and validation splits if it has them (files
 named ``train*`` and ``val*``/``valid*``/``dev*``, or the hub dataset's
@@ -40,7 +42,12 @@ CACHE_VERSION = 1
 FORMATS = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# Texts that ship inside the repository, usable by name as a source, offline (data/<name>/README.md
+# says where each comes from). A local path of the same name, when there is one, wins.
+BUNDLED = {"tiny_shakespeare": Path(__file__).resolve().parent / "tiny_shakespeare" / "input.txt.gz"}
+# Hub datasets whose published validation split is several of the hub's splits together:
+# karpathy/tiny_shakespeare's Parquet version cuts the text 90/5/5, published numbers use 90/10.
+HUB_VAL_SPLITS = {"karpathy/tiny_shakespeare": ("validation", "test")}
 
 
 class DataSourceError(ValueError):
@@ -100,6 +107,8 @@ def _suffix(path: Path) -> str | None:
 def find_local_files(source: str) -> list[Path] | None:
     """The local files of ``source``, or None when it is not local and looks like a hub id."""
     path = Path(source).expanduser()
+    if source in BUNDLED and not path.exists():
+        path = BUNDLED[source]
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -112,8 +121,9 @@ def find_local_files(source: str) -> list[Path] | None:
             if HUB_ID.match(source) and not _suffix(path):
                 return None
             raise DataSourceError(f"data source {source!r}: no such file, folder or glob match. Pass a local "
-                                  f"{'/'.join(FORMATS)} file, a folder or glob of them, or a hub dataset id "
-                                  f"(owner/name), e.g. --data.source path/to/input.txt")
+                                  f"{'/'.join(FORMATS)} file, a folder or glob of them, a hub dataset id "
+                                  f"(owner/name) or a text that ships with the project "
+                                  f"({', '.join(BUNDLED)}), e.g. --data.source path/to/input.txt")
     unsupported = [str(f) for f in files if not _suffix(f)]
     if unsupported:
         raise DataSourceError(f"unsupported file type: {unsupported[:3]}; use {'/'.join(FORMATS)} files")
@@ -182,8 +192,8 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
-def load_hub(dataset_id: str, hint: str = f"e.g. --data.source path/to/input.txt (Tiny Shakespeare is "
-                                           f"{TINY_SHAKESPEARE_URL})"):
+def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt, or --data.source "
+                                           "tiny_shakespeare for the copy that ships with the project"):
     """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
 
     Offline and not cached, fails at once (instead of ~20 s of retries), with ``hint`` saying where
@@ -205,10 +215,15 @@ def load_hub(dataset_id: str, hint: str = f"e.g. --data.source path/to/input.txt
 
 
 def _hub_splits(ds, dataset_id: str):
-    from datasets import DatasetDict
+    """train, and val where the dataset has one: its published validation split (HUB_VAL_SPLITS),
+    else the first of VAL_SPLIT_NAMES it has."""
+    from datasets import DatasetDict, concatenate_datasets
 
     if "train" not in ds:
         raise DataSourceError(f"hub dataset {dataset_id!r} has no 'train' split (it has {list(ds)})")
+    published = HUB_VAL_SPLITS.get(dataset_id)
+    if published and all(split in ds for split in published):
+        return DatasetDict({"train": ds["train"], "val": concatenate_datasets([ds[s] for s in published])})
     val = next((s for s in VAL_SPLIT_NAMES if s in ds), None)
     return DatasetDict({"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]})
 

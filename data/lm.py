@@ -93,7 +93,7 @@ class LMDataModule(L.LightningDataModule):
         seed: seed of the training windows and the order of the validation windows.
     """
 
-    def __init__(self, source: str = "karpathy/tiny_shakespeare", tokenizer: str = "char", block_size: int = 256,
+    def __init__(self, source: str = "tiny_shakespeare", tokenizer: str = "char", block_size: int = 256,
                  batch_size: int = 64, text_column: str = "text", val_fraction: float = 0.1,
                  cache_dir: str | None = None, num_proc: int | None = None, num_workers: int = 0,
                  seed: int = 1337):

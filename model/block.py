@@ -23,6 +23,9 @@ def check_config(config, positive: tuple[str, ...]) -> None:
                          f"each head gets n_embd / n_head dimensions")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
+    if config.attn_impl == "auto":
+        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in code, choose one "
+                         f"of {sorted(ATTENTION_KERNELS)} (model.device.choose_attn_impl picks as train.py does)")
     if config.attn_impl not in ATTENTION_KERNELS:
         raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of {sorted(ATTENTION_KERNELS)}")
     if config.attn_impl == "tiled" and config.dropout > 0:

@@ -23,7 +23,8 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
-    attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled"; see model/attention.py
+    attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled" (model/attention.py);
+    # train.py also takes "auto": the fastest path for the device (model/device.py)
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))

@@ -162,6 +162,10 @@ def read_wandb_project(path: str, filters: dict | None, limit: int) -> list[Run]
                            f"entity/project), or compare the local run folders instead") from None
 
 
+class NoMetrics(CompareError):
+    """A folder with no metrics in it (a run that stopped before it logged anything): skipped."""
+
+
 def load(path_text: str) -> Run:
     path = Path(path_text)
     if not path.exists():
@@ -171,7 +175,7 @@ def load(path_text: str) -> Run:
         return read_csv_run(path)
     if path.suffix == ".wandb" or list(path.glob("*.wandb")):
         return read_wandb_offline(path)
-    raise CompareError(f"{path} is not a run folder: it has no metrics.csv and no .wandb file")
+    raise NoMetrics(f"{path} has no metrics.csv and no .wandb file")
 
 
 # ------------------------------------------------------------------ output
@@ -265,7 +269,14 @@ def main(argv=None):
         filters = json.loads(args.filters) if args.filters else None
     except json.JSONDecodeError as e:
         raise CompareError(f"--filters is not JSON: {e}") from None
-    runs = [load(path) for path in args.runs]
+    runs = []
+    for path in args.runs:
+        try:
+            runs.append(load(path))
+        except NoMetrics as e:  # a glob over runs/<project>/* may catch a run that never logged
+            print(f"skipping {e}", file=sys.stderr)
+    if args.runs and not runs and not args.wandb:
+        raise CompareError("none of the folders holds metrics: give run folders that train.py wrote")
     if args.wandb:
         runs += read_wandb_project(args.wandb, filters, args.limit)
     if not runs:

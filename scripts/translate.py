@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from train import bleu, load_seq2seq_checkpoint, translate
+from train import bleu, bleu_signature, load_seq2seq_checkpoint, translate
 
 
 class TranslateError(Exception):
@@ -87,7 +87,7 @@ def main(argv=None):
     scores = bleu(hypotheses, references)
     search = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
     print(f"sacreBLEU {scores['bleu']:.2f} (lowercase {scores['bleu_lc']:.2f}) on {len(sources)} lines, "
-          f"{search}, {seconds:.1f} s")
+          f"{search}, {seconds:.1f} s; {bleu_signature()}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Corpus preparation (sources, splits, cache) and the language-modelling data module."""
 
 import gzip
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_text
 
 from data import DataSourceError, LMDataModule, prepare_corpus
 from data import corpus as corpus_module
+from data.corpus import BUNDLED, _hub_splits
 
 
 def all_tokens(corpus) -> np.ndarray:
@@ -191,14 +195,41 @@ def test_empty_file_is_rejected(tmp_path, cache_dir):
             make_datamodule(tmp_path / "empty.txt", cache_dir, tokenizer=tokenizer)
 
 
-def test_tiny_shakespeare_matches_the_published_split():
-    """nanoGPT's shakespeare_char: 65 characters, 1,003,854 train and 111,540 val tokens."""
-    shared = os.environ.get("MINIGPT_SHARED_DATA")
-    if not shared:
-        pytest.skip("set MINIGPT_SHARED_DATA to a folder holding tinyshakespeare/input.txt (.ci/run does)")
-    corpus = prepare_corpus(os.path.join(shared, "tinyshakespeare", "input.txt"), "char")
+def test_tiny_shakespeare_ships_with_the_published_split(cache_dir):
+    """The bundled text, by name: nanoGPT's shakespeare_char, 65 characters, 1,003,854 train and 111,540
+    val tokens; and the same text as the public copy where one is at hand (MINIGPT_SHARED_DATA)."""
+    corpus = prepare_corpus("tiny_shakespeare", "char", cache_dir=cache_dir)
     assert corpus.tokenizer.vocab_size == 65
     assert corpus.num_tokens == {"train": 1_003_854, "val": 111_540}
+    shipped = gzip.decompress(BUNDLED["tiny_shakespeare"].read_bytes())
+    assert hashlib.sha256(shipped).hexdigest() == \
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # data/tiny_shakespeare/README.md
+    shared = os.environ.get("MINIGPT_SHARED_DATA")
+    if shared:
+        assert (Path(shared) / "tinyshakespeare" / "input.txt").read_bytes() == shipped
+
+
+def test_a_local_path_wins_over_a_bundled_name(tmp_path, cache_dir, monkeypatch):
+    (tmp_path / "tiny_shakespeare").mkdir()
+    (tmp_path / "tiny_shakespeare" / "input.txt").write_text(make_text(200))
+    monkeypatch.chdir(tmp_path)
+    assert prepare_corpus("tiny_shakespeare", "char", cache_dir=cache_dir).tokenizer.vocab_size < 65
+
+
+def test_hub_tiny_shakespeare_gets_the_published_90_10_split():
+    """The hub's Parquet copy is cut 90/5/5 into train/validation/test: validation and test, in that
+    order, together are the published validation split (the last 10% of the text)."""
+    from datasets import Dataset, DatasetDict
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    ds = DatasetDict({"train": Dataset.from_dict({"text": [text[:900]]}),
+                      "validation": Dataset.from_dict({"text": [text[900:950]]}),
+                      "test": Dataset.from_dict({"text": [text[950:]]})})
+    splits = _hub_splits(ds, "karpathy/tiny_shakespeare")
+    assert sorted(splits) == ["train", "val"]
+    assert "".join(splits["val"]["text"]) == text[900:]
+    assert splits["train"]["text"] == [text[:900]]
+    assert "".join(_hub_splits(ds, "someone/other")["val"]["text"]) == text[900:950]  # others: validation
 
 
 def test_prepare_data_script_fills_the_cache_that_training_reads(text_file, cache_dir):

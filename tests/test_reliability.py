@@ -128,6 +128,8 @@ def _bad_input_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("To be.\n")
     (tmp_path / "latin1.txt").write_bytes("Ein Bär\n".encode("latin-1") * 50)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "two_bytes.txt").write_bytes(b"ab")
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole zip")
     (tmp_path / "unknown_key.yaml").write_text("model:\n  lrr: 0.1\n")
     return {
@@ -135,6 +137,8 @@ def _bad_input_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
         "empty file": (["--data.source", str(tmp_path / "empty.txt")], "empty"),
         "corpus shorter than a block": (["--data.source", str(tmp_path / "short.txt")], "fewer than block_size + 1"),
         "non-UTF-8 bytes": (["--data.source", str(tmp_path / "latin1.txt")], "UTF-8"),
+        "binary file": (["--data.source", str(tmp_path / "binary.txt")], "UTF-8"),
+        "2-byte file": (["--data.source", str(tmp_path / "two_bytes.txt")], "fewer than block_size + 1"),
         "unknown tokenizer": (["--data.tokenizer", "bpe9"], "tokenizer"),
         "n_embd not divisible by n_head": (["--model.config.n_head", "3"], "n_embd"),
         "zero layers": (["--model.config.n_layer", "0"], "n_layer"),
@@ -144,7 +148,8 @@ def _bad_input_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
     }
 
 
-BAD_INPUT = ["missing data path", "empty file", "corpus shorter than a block", "non-UTF-8 bytes", "unknown tokenizer",
+BAD_INPUT = ["missing data path", "empty file", "corpus shorter than a block", "non-UTF-8 bytes", "binary file",
+             "2-byte file", "unknown tokenizer",
              "n_embd not divisible by n_head", "zero layers", "truncated checkpoint", "hub id offline",
              "unknown config key"]
 
@@ -162,6 +167,28 @@ def test_bad_input_is_one_clear_message_not_a_traceback(case, text_file, tmp_pat
     assert "Traceback" not in err
     last = err.strip().splitlines()[-2 if err.strip().endswith("traceback)") else -1]
     assert message in last, err[-2000:]
+    assert not list(tmp_path.glob("mini-gpt/*")), "a start that failed left a run folder behind"
+
+
+def test_resuming_with_other_model_options_is_refused_naming_them(text_file, tmp_path, capsys):
+    fit(text_file, tmp_path, "--trainer.max_steps", "2")
+    folder, = run_folders(tmp_path)
+    last = folder / "checkpoints" / "last.ckpt"
+    code = cli(tiny_run(text_file, tmp_path, "--ckpt_path", str(last), "--model.config.n_layer", "2",
+                        "--model.lr", "0.01", "--trainer.max_steps", "4"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    message = err[-2]  # then the MINIGPT_TRACEBACK hint
+    assert "model.config.n_layer is 2 here but 1 in the checkpoint" in message
+    assert "model.lr is 0.01 here but 0.003 in the checkpoint" in message
+    assert f"--config {folder / 'config.yaml'}" in message
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
+
+    # the same command resumes; the attention path may change (how it computes, not what)
+    assert cli(tiny_run(text_file, tmp_path, "--ckpt_path", str(last), "--trainer.max_steps", "4",
+                        "--model.config.attn_impl", "naive")) == 0
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["config"]["attn_impl"] == "naive"
 
 
 def test_a_checkpoint_of_another_kind_or_vocabulary_is_refused(text_file, tmp_path, capsys):

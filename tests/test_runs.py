@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from model.device import choose_attn_impl, choose_precision, device_info
 from train import main
 
 spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
@@ -49,7 +50,10 @@ def csv_rows(folder: Path) -> list[dict]:
 def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_file, tmp_path):
     fit(text_file, tmp_path)
     folder, = run_folders(tmp_path)
-    name = "shakespeare_char_cpu-1L16d-naive-bf16-mixed"  # config stem, shape, attention path, precision
+    cpu = device_info("cpu")  # the config's auto precision and attention path, resolved for this CPU
+    precision = choose_precision(cpu)
+    attn_impl = choose_attn_impl(cpu, precision, seq_len=16)
+    name = f"shakespeare_char_cpu-1L16d-{attn_impl}-{precision}"  # config stem, shape, attention path, precision
     assert folder.name.startswith(name + "-")
     assert {"config.yaml", "metrics.csv", "checkpoints", "wandb"} <= {p.name for p in folder.iterdir()}
 
@@ -58,7 +62,8 @@ def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_f
     assert run.name == name
     config = run.config
     assert config["model.config.n_layer"] == 1 and config["model.config.n_embd"] == 16
-    assert config["trainer.max_steps"] == 20 and config["trainer.precision"] == "bf16-mixed"
+    assert config["trainer.max_steps"] == 20 and config["trainer.precision"] == precision
+    assert config["model.config.attn_impl"] == attn_impl and config["device"] == cpu.describe()
     assert config["data.block_size"] == 16 and config["model.lr"] == 3e-3
     assert config["n_params"] > 0 and config["run_dir"] == str(folder) and config["kind"] == "gpt"
     assert config["git_commit"] is None or len(config["git_commit"].split("+")[0]) == 40
@@ -88,11 +93,14 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
     again = compare_runs.read_wandb_offline(next((second / "wandb").glob("offline-run-*")))
     assert again.name == "my run" and again.config["run.tags"] == '["a", "b"]'
 
-    # compare_runs: the differing settings, then the metrics, and a PNG
+    # compare_runs: the differing settings, then the metrics, and a PNG; a folder without metrics is skipped
+    (tmp_path / "mini-gpt" / "stopped-early" / "wandb").mkdir(parents=True)
     png = tmp_path / "compare.png"
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(first), str(second),
-                          "--plot", str(png)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(first),
+                          str(tmp_path / "mini-gpt" / "stopped-early"), str(second), "--plot", str(png)],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "skipping" in out.stderr and "stopped-early has no metrics.csv" in out.stderr
     header, _, row1, row2, *_ = out.stdout.splitlines()
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert "model.lr" in columns and "run.tags" in columns and "best val/loss" in columns
@@ -100,6 +108,27 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
     lr = columns.index("model.lr")
     assert [[c.strip() for c in r.strip("|").split("|")][lr] for r in (row1, row2)] == ["0.002", "0.003"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file, tmp_path, monkeypatch):
+    for var, value in {"WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-team", "WANDB_RUN_GROUP": "env-group",
+                       "WANDB_TAGS": "cpu, sweep"}.items():
+        monkeypatch.setenv(var, value)
+    fit(text_file, tmp_path)
+    folder, = (tmp_path / "env-project").iterdir()  # the project names the folder of its runs
+    records = list(compare_runs.wandb_records(next((folder / "wandb").glob("offline-run-*/*.wandb"))))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.entity, run.run_group, list(run.tags)) == ("env-project", "env-team", "env-group",
+                                                                        ["cpu", "sweep"])
+    # the runs table sorts on the best val loss (min) and BLEU (max) of a run, not only the last
+    summaries = {r.metric.name: r.metric.summary for r in records if r.WhichOneof("record_type") == "metric"}
+    assert summaries["val/loss"].min and summaries["val/loss"].last and summaries["val/bleu"].max
+
+    fit(text_file, tmp_path, "--run.project", "cli-project", "--run.group", "cli-group", "--run.tags", "[x]")
+    folder, = (tmp_path / "cli-project").iterdir()  # the config's settings win over the environment
+    records = compare_runs.wandb_records(next((folder / "wandb").glob("offline-run-*/*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.run_group, list(run.tags)) == ("cli-project", "cli-group", ["x"])
 
 
 def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_path):
@@ -146,7 +175,7 @@ def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
 def test_compare_runs_bad_input(tmp_path):
     with pytest.raises(compare_runs.CompareError, match="does not exist"):
         compare_runs.main([str(tmp_path / "nope")])
-    with pytest.raises(compare_runs.CompareError, match="no metrics.csv and no .wandb file"):
+    with pytest.raises(compare_runs.CompareError, match="none of the folders holds metrics"):
         compare_runs.main([str(tmp_path)])
     with pytest.raises(compare_runs.CompareError, match="give run folders to compare"):
         compare_runs.main([])

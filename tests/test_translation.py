@@ -244,6 +244,7 @@ def test_translate_script_translates_and_scores_from_a_subprocess(trained, rever
                             timeout=120, env=env)
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert scored.stdout.startswith("sacreBLEU ") and "(lowercase " in scored.stdout and "beam 4" in scored.stdout
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in scored.stdout  # sacreBLEU's signature
     assert float(scored.stdout.split()[1]) > 80
     assert len(out.read_text().splitlines()) == 100
 
@@ -283,6 +284,7 @@ def test_cli_trains_seq2seq_from_the_config_kind(reverse_folder, tmp_path):
                      output), output[-3000:]
     chosen = re.search(r"using (0.6|1.0)", output).group(1)
     assert f"Final val sacreBLEU (beam 2, length penalty {chosen})" in output
+    assert re.search(r"lowercase \(nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:[\d.]+\)", output)
     assert "val sacreBLEU" in result.stdout + result.stderr
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts and torch.load(ckpts[0], weights_only=True)["model_kind"] == "seq2seq"

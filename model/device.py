@@ -1,0 +1,131 @@
+"""What the device can do, and the precision and attention path that follow from it.
+
+``precision: auto`` and ``attn_impl: auto`` (the configs' defaults) resolve here at start-up. The
+rule is two small pure functions of a ``DeviceInfo``, so every branch is tested on any machine;
+only ``device_info`` asks the hardware.
+
+Why a rule and not one default: bf16 autocast is 1.4x faster than fp32 on a CPU with AVX-512 BF16
+(or AMX) instructions, and ~12x *slower* on one without them (AVX2 only), where PyTorch emulates it
+(docs/speed.md has the measurements). GPUs before Ampere (V100, T4) have no bf16 either, and take
+fp16 with a loss scaler instead.
+"""
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+# The written-out attention beat PyTorch's fused CPU kernels under bf16 at T=64 (their backward is slow
+# in bf16 there); its T x T matrices cost more as T grows, so past this context the fused path is used.
+NAIVE_BF16_CPU_MAX_T = 128
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The facts the rule needs about one device.
+
+    type: "cuda", "mps" or "cpu".
+    name: what the hardware calls itself, e.g. "NVIDIA H100 80GB HBM3" or "AMD EPYC (AVX2)".
+    bf16: native bf16 arithmetic (CUDA: Ampere or newer; CPU: AVX-512 BF16 or AMX; MPS: macOS 14+).
+    flash_attn: the ``flash_attn`` package is installed and can run here (CUDA only).
+    """
+
+    type: str
+    name: str
+    bf16: bool
+    flash_attn: bool = False
+
+    def describe(self) -> str:
+        return f"{self.type} ({self.name}, {'native bf16' if self.bf16 else 'no native bf16'})"
+
+
+def choose_precision(info: DeviceInfo) -> str:
+    """The Lightning precision for ``auto``: mixed bf16 where the device computes in bf16; otherwise
+    fp16 with a loss scaler on GPUs (fast there even without bf16) and plain fp32 on CPUs."""
+    if info.bf16:
+        return "bf16-mixed"
+    return "32-true" if info.type == "cpu" else "16-mixed"
+
+
+def choose_attn_impl(info: DeviceInfo, precision: str, *, seq_len: int, key_mask: bool = False,
+                     dropout: float = 0.0) -> str:
+    """The attention path for ``auto``, given the precision the run uses.
+
+    seq_len: the longest sequence attended over (a GPT's block_size, a seq2seq model's max_len).
+    key_mask: the model masks padded keys (the seq2seq model): flash kernels take no such mask.
+    dropout: attention dropout; PyTorch's CPU flash kernel has none.
+    """
+    low_precision = precision.startswith(("bf16", "16"))
+    if info.type == "cuda" and info.flash_attn and low_precision and not key_mask:
+        return "flash"  # Dao-AILab's kernels: SDPA may not pick a flash kernel for every shape
+    if info.type == "cpu" and precision.startswith("bf16") and seq_len <= NAIVE_BF16_CPU_MAX_T:
+        return "naive"  # its plain bf16 GEMMs beat the CPU flash kernel's bf16 backward at short T
+    return "sdpa"  # PyTorch's fused kernels: flash (CPU, GPU), memory-efficient or cuDNN (GPU)
+
+
+def slow_precision_warning(info: DeviceInfo, precision: str) -> str | None:
+    """A one-line warning for an explicit precision that is known to be slow on this device."""
+    if info.type == "cpu" and not info.bf16 and str(precision).startswith(("bf16", "16")):
+        kind = "bf16" if str(precision).startswith("bf16") else "fp16"
+        return (f"precision {precision} on this CPU ({info.name}) is emulated: it has no native {kind} "
+                f"instructions, and it ran ~12x slower than 32-true in measurements. Use "
+                f"--trainer.precision auto (32-true here) unless you are testing precision itself")
+    if info.type == "cuda" and not info.bf16 and str(precision).startswith("bf16"):
+        return (f"{info.name} has no native bf16: {precision} is slow or unsupported there; use "
+                f"--trainer.precision auto (16-mixed here)")
+    return None
+
+
+def resolve_device(accelerator: str | None = "auto") -> str:
+    """A Lightning accelerator name ("auto", "gpu", "cuda", "mps", "cpu") as a device type, picking
+    cuda, then mps, then cpu for "auto"."""
+    accelerator = (accelerator or "auto").lower()
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator in DEVICE_TYPES:
+        return accelerator
+    if accelerator != "auto":
+        raise ValueError(f"unknown accelerator {accelerator!r}; choose auto, cpu, cuda (gpu) or mps")
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def device_info(device_type: str) -> DeviceInfo:
+    """Ask the hardware (the first device of ``device_type``)."""
+    if device_type == "cuda":
+        from .attention import flash_attn_func  # None when the flash_attn package is missing
+
+        return DeviceInfo("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(),
+                          flash_attn=flash_attn_func is not None)
+    if device_type == "mps":
+        return DeviceInfo("mps", "Apple GPU", torch.backends.mps.is_macos_or_newer(14, 0))
+    if device_type != "cpu":
+        raise ValueError(f"unknown device type {device_type!r}; choose one of {', '.join(DEVICE_TYPES)}")
+    return DeviceInfo("cpu", f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})", cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU: AVX-512 BF16 or AMX. PyTorch reports them through private functions;
+    should those disappear, the answer is the safe one (no bf16: fp32 is never the slow choice)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                           "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:  # noqa: BLE001 (a private API that changed: take the safe answer)
+        return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name, e.g. "AMD EPYC 7B13" or "Apple M2"."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
