@@ -277,13 +277,19 @@ class GPTLightningModule(TrainModule):
 
 
 def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size: int = 1, alpha: float = 0.6,
-              max_tokens: int = 4000) -> list[str]:
+              max_tokens: int = 4000, truncate: bool = False) -> list[str]:
     """Translate ``texts`` (detokenized strings in, detokenized strings out), in batches of similar length of
-    at most ``max_tokens`` source tokens; beam_size 1 is greedy search. The model must be in eval mode."""
+    at most ``max_tokens`` source tokens; beam_size 1 is greedy search. The model must be in eval mode.
+    A text longer than the model's ``max_len`` tokens is an error, or with ``truncate`` cut to its first
+    ``max_len`` tokens (scoring a whole evaluation set: every line counts, a cut one as it comes out)."""
     ids = tokenizer.encode_batch(texts)
     limit = model.config.max_len
     too_long = [i for i, row in enumerate(ids) if len(row) > limit]
-    if too_long:
+    if too_long and truncate:
+        rank_zero_info(f"{len(too_long)} of {len(texts)} sources are longer than max_len ({limit} tokens): "
+                       f"translating their first {limit} tokens")
+        ids = [row[:limit] for row in ids]
+    elif too_long:
         raise ValueError(f"line {too_long[0] + 1} is {len(ids[too_long[0]])} tokens long; this model reads at most "
                          f"{limit} (its max_len): split it into shorter sentences")
     device = next(model.parameters()).device
@@ -378,7 +384,7 @@ class Seq2SeqLightningModule(TrainModule):
         """sacreBLEU of the model's translations of a split of the data module's pairs, and the translations."""
         sources, references = self.trainer.datamodule.texts[split]
         alpha = self.hparams.length_penalty if length_penalty is None else length_penalty
-        hypotheses = translate(self.model, self.tokenizer, sources, beam_size, alpha)
+        hypotheses = translate(self.model, self.tokenizer, sources, beam_size, alpha, truncate=True)
         return bleu(hypotheses, references), hypotheses
 
     def best_length_penalty(self) -> float:
@@ -830,7 +836,8 @@ class CLI(LightningCLI):
             raise ValueError(_resume_conflict_message(ckpt_path, conflicts))
         super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
         for key in RESUME_MAY_CHANGE:  # ... but these are how the run computes, not what: the command's win
-            self.config[subcommand].model[key] = ours[key]
+            if key in ours:
+                self.config[subcommand].model[key] = ours[key]
 
     def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
         """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its step;
@@ -948,11 +955,18 @@ TRAINER_DEFAULTS = {
 }
 
 
+def make_cli(args: list[str] | None = None, run: bool = True) -> CLI:
+    """train.py's CLI for ``args`` (default: the command line). ``run=False`` builds the model, data module
+    and Trainer without training (``args`` then has no ``fit``), as scripts/bench_train.py does."""
+    cli_class, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
+    return cli_class(module, data, trainer_class=Trainer, seed_everything_default=1337, run=run,
+                     trainer_defaults=TRAINER_DEFAULTS, args=args, save_config_callback=SaveRunConfig,
+                     save_config_kwargs={"save_to_log_dir": False})
+
+
 def main(args=None):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    cli, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
-    return cli(module, data, trainer_class=Trainer, seed_everything_default=1337, trainer_defaults=TRAINER_DEFAULTS,
-               args=args, save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False})
+    return make_cli(args)
 
 
 def cli(args=None) -> int:

@@ -8,13 +8,20 @@ Each run generates --new-tokens tokens greedily for each batch size after a prom
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
 
 import torch
 import yaml
 
 from model import ATTENTION_KERNELS, GPT, GPTConfig
+from model.device import choose_attn_impl, device_info
 from train import load_gpt_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(args) -> GPT:
@@ -25,6 +32,8 @@ def build_model(args) -> GPT:
             config = yaml.safe_load(f)
         shape = {**config["model"]["config"], "block_size": config["data"]["block_size"],
                  "vocab_size": args.vocab_size, "dropout": 0.0}
+        if shape.get("attn_impl") == "auto":  # as train.py would pick it here; decoding runs in fp32
+            shape["attn_impl"] = choose_attn_impl(device_info(args.device), "32-true", seq_len=shape["block_size"])
         torch.manual_seed(0)
         model = GPT(GPTConfig(**shape))
     if args.attn_impl:
@@ -47,7 +56,8 @@ def tokens_per_sec(model, args, batch: int, context: int, use_cache: bool) -> fl
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml", help="model shape to build")
+    p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
+                   help="model shape to build")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of --config")
     p.add_argument("--vocab-size", type=int, default=65, help="with --config (65: Tiny Shakespeare characters)")
     p.add_argument("--attn-impl", default=None, choices=list(ATTENTION_KERNELS), help="override the model's")
@@ -65,7 +75,7 @@ def main(argv=None):
     contexts = args.contexts or sorted({1, block // 4, block // 2, block})
     print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, block_size {block}, "
           f"attn_impl {model.blocks[0].attn.attn_impl}, {args.new_tokens} new tokens, "
-          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}\n")
+          f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of {args.repeats}\n")
     print("| batch | context | no cache tokens/s | KV cache tokens/s | speed-up |")
     print("| --- | --- | --- | --- | --- |")
     for batch in args.batch:

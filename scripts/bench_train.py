@@ -1,29 +1,41 @@
-"""Training throughput of a config across attention paths, precisions and torch.compile, and the
-overhead of the Lightning training step against a bare PyTorch loop on the same model and batches.
+"""Training speed of a config across attention paths and precisions (and torch.compile), against the
+fastest of them and against a bare PyTorch loop doing the same work.
 
-    python scripts/bench_train.py --source input.txt
-    python scripts/bench_train.py --source input.txt --variants naive:bf16-mixed --trainer.enable_progress_bar false
-    python scripts/bench_train.py --source input.txt --config configs/shakespeare_char.yaml --device cuda \\
-        --variants sdpa:bf16-mixed flash:bf16-mixed sdpa:bf16-mixed:compile
+    python scripts/bench_train.py                       # the CPU config on the shipped Tiny Shakespeare
+    python scripts/bench_train.py --variants auto:auto sdpa:32-true naive:bf16-mixed --steps 50
+    python scripts/bench_train.py --config configs/shakespeare_char.yaml --device cuda \\
+        --variants auto:auto sdpa:bf16-mixed flash:bf16-mixed sdpa:bf16-mixed:compile
 
-A variant is ATTN_IMPL:PRECISION[:compile]. Each is trained --repeats times two ways, alternating,
-for --warmup + --steps optimizer steps, and the best run of each way counts: through train.py's
-Lightning path (the config's logger, progress bar and callbacks; no validation; one checkpoint
-after the timed steps) and through a bare loop that does the same work (same module, optimizer,
-LR schedule, clipping, autocast, batches). Tokens/s are counted over the last --steps steps. Flags
-this script does not know go to train.py's CLI. Prints a markdown table.
+A variant is ATTN_IMPL:PRECISION[:compile]; ``auto`` resolves as train.py resolves it for the device
+(model/device.py), and the table shows what it became. Each variant is trained --repeats times two
+ways, alternating, for --warmup + --steps optimizer steps, and the best run of each way counts:
+through train.py's Lightning path (its CLI, callbacks and loggers as a run has them, wandb offline;
+no validation; one checkpoint at the end) and through a bare loop that does the same work (same
+module, optimizer, LR schedule, clipping, autocast, batches). Times are over the last --steps steps.
+Flags this script does not know go to train.py's CLI (e.g. --model.config.n_layer 2). Prints a
+markdown table and the machine it ran on.
 """
 
 import argparse
+import os
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
 
 import lightning as L
 import torch
 
-from train import GPTCLI, GPTLightningModule, LMDataModule
+from model.device import device_info
+from train import make_cli
 
-DEFAULT_VARIANTS = ["naive:32-true", "sdpa:32-true", "flash:32-true", "sdpa:bf16-mixed", "flash:bf16-mixed",
-                    "flash:bf16-mixed:compile"]
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true", "naive:bf16-mixed",
+                    "sdpa:bf16-mixed", "flash:bf16-mixed"]
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class StepClock(L.Callback):
@@ -36,27 +48,29 @@ class StepClock(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def build(args, attn_impl: str, precision: str, compile: bool) -> GPTCLI:
+def build(args, attn_impl: str, precision: str, compile: bool):
     """The objects train.py would build for this variant (extra train.py flags last, so they win)."""
-    overrides = ["--config", args.config, "--data.source", args.source, "--model.config.attn_impl", attn_impl,
-                 "--model.compile", str(compile).lower(), "--trainer.precision", precision,
-                 "--trainer.accelerator", args.device, "--trainer.max_steps", str(args.warmup + args.steps),
-                 "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null", "--checkpoint.save_last", "false",
-                 "--trainer.logger.init_args.save_dir", args.log_dir, *args.train_flags]
-    return GPTCLI(GPTLightningModule, LMDataModule, run=False, args=overrides)
+    overrides = ["--config", args.config, "--model.config.attn_impl", attn_impl, "--model.compile",
+                 str(compile).lower(), "--trainer.precision", precision, "--trainer.accelerator", args.device,
+                 "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.limit_val_batches", "0",
+                 "--checkpoint.monitor", "null", "--checkpoint.save_last", "false", "--run.save_dir", args.run_dir,
+                 *(["--data.source", args.source] if args.source else []), *args.train_flags]
+    return make_cli(overrides, run=False)
 
 
-def tokens_per_sec(times: list[float], steps: int, tokens_per_step: int) -> float:
-    return steps * tokens_per_step / (times[-1] - times[-1 - steps])
+def ms_per_step(times: list[float], steps: int) -> float:
+    return 1000 * (times[-1] - times[-1 - steps]) / steps
 
 
-def lightning_run(args, variant) -> float:
+def lightning_run(args, variant) -> tuple[float, str, str, int]:
+    """ms per step through Lightning, the resolved attention path and precision, and tokens per step."""
     cli = build(args, *variant)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
     x, _ = next(iter(cli.datamodule.train_dataloader()))
-    return tokens_per_sec(clock.times, args.steps, x.numel())
+    return (ms_per_step(clock.times, args.steps), cli.model.model.config.attn_impl, str(cli.trainer.precision),
+            x.numel())
 
 
 def bare_run(args, variant) -> float:
@@ -68,7 +82,9 @@ def bare_run(args, variant) -> float:
     module.configure_model()
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=variant[1] == "bf16-mixed")
+    dtype = AUTOCAST.get(str(trainer.precision))
+    autocast = torch.autocast(args.device, dtype=dtype or torch.float32, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(args.device, enabled=dtype == torch.float16)
     batches = iter(dm.train_dataloader())
     module.train()
     times = []
@@ -76,54 +92,72 @@ def bare_run(args, variant) -> float:
         x, y = (t.to(args.device, non_blocking=True) for t in next(batches))
         with autocast:
             _, loss = module.model(x, y)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(module.parameters(), trainer.gradient_clip_val)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         loss.item()  # as logging the loss does
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    return tokens_per_sec(times, args.steps, x.numel())
+    return ms_per_step(times, args.steps)
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="training text, as --data.source")
-    p.add_argument("--config", default="configs/shakespeare_char_cpu.yaml")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"))
+    p.add_argument("--source", default=None, help="training text, as --data.source (default: the config's)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="ATTN_IMPL:PRECISION[:compile] ...")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each loop; the best counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--log-dir", default="runs/bench_train")
     args, args.train_flags = p.parse_known_args(argv)  # the rest goes to train.py's CLI
+    for spec in args.variants:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["compile"]):
+            p.error(f"variant {spec!r}: write ATTN_IMPL:PRECISION or ATTN_IMPL:PRECISION:compile, "
+                    f"e.g. sdpa:32-true or auto:auto")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be at least 1, --warmup at least 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
+    os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay on this machine
+    args.run_dir = tempfile.mkdtemp(prefix="bench_train-")  # its run folders are thrown away
     rows = []
-    for spec in args.variants:
-        attn_impl, precision, *rest = spec.split(":")
-        variant = (attn_impl, precision, rest == ["compile"])
-        lit, bare = [], []
-        for _ in range(args.repeats):  # alternate, and keep each one's best: the machine's noise only slows
-            lit.append(lightning_run(args, variant))
-            bare.append(bare_run(args, variant))
-        rows.append((variant, max(lit), max(bare)))
+    try:
+        for spec in args.variants:
+            attn_impl, precision, *rest = spec.split(":")
+            variant = (attn_impl, precision, rest == ["compile"])
+            lightning, bare = [], []
+            for _ in range(args.repeats):  # alternate, and keep each one's best: the machine's noise only slows
+                ms, resolved_attn, resolved_precision, tokens = lightning_run(args, variant)
+                lightning.append(ms)
+                bare.append(bare_run(args, variant))
+            rows.append((spec, resolved_attn, resolved_precision, variant[2], min(lightning), min(bare), tokens))
+    finally:
+        shutil.rmtree(args.run_dir, ignore_errors=True)
 
-    baseline = next((lit for (impl, prec, comp), lit, _ in rows if (impl, prec, comp) == ("naive", "32-true", False)),
-                    None)
-    print(f"\n{args.config}, {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.steps} timed steps after {args.warmup}, best of {args.repeats}\n")
-    print("| attn_impl | precision | compile | Lightning tokens/s | bare loop tokens/s | Lightning overhead "
-          "| vs naive fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for (impl, prec, comp), lit, bare in rows:
-        vs = f"{lit / baseline:.2f}x" if baseline else "n/a"
-        print(f"| {impl} | {prec} | {'yes' if comp else 'no'} | {lit:,.0f} | {bare:,.0f} | "
-              f"{100 * (bare - lit) / bare:+.1f}% | {vs} |")
+    fastest = min(row[4] for row in rows if not row[3])  # among the eager variants
+    info = device_info(args.device)
+    print(f"\n{Path(args.config).name}, {info.describe()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; {args.steps} timed steps after {args.warmup}, best of {args.repeats}\n")
+    print("| variant | attn_impl | precision | compile | ms/step | tokens/s | bare loop ms/step "
+          "| Lightning overhead | vs fastest |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for spec, attn_impl, precision, compiled, ms, bare_ms, tokens in rows:
+        print(f"| {spec} | {attn_impl} | {precision} | {'yes' if compiled else 'no'} | {ms:.1f} | "
+              f"{1000 * tokens / ms:,.0f} | {bare_ms:.1f} | {100 * (ms - bare_ms) / bare_ms:+.1f}% | "
+              f"{ms / fastest:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ every head of the last layer.
 import argparse
 import math
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
 
 import torch
 

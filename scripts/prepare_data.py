@@ -6,6 +6,11 @@
 Training with the same --data.source, --data.tokenizer (and --data.cache_dir) then starts at once.
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+
 from jsonargparse import CLI
 
 from data import prepare_corpus

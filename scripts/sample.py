@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+
 import torch
 
 from model.sampling import check_sampling_args

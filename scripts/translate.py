@@ -14,6 +14,9 @@ import argparse
 import gzip
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
 
 import torch
 

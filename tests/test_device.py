@@ -93,9 +93,7 @@ def test_this_cpu_is_described():
 
 def parse(*args: str):
     """train.py's CLI for these arguments, parsed and resolved but not run."""
-    cli_class, module, data = train.KINDS[train.model_kind(list(args))]
-    return cli_class(module, data, trainer_class=train.Trainer, run=False, args=list(args),
-                     trainer_defaults=train.TRAINER_DEFAULTS, save_config_callback=None)
+    return train.make_cli(list(args), run=False)
 
 
 @pytest.mark.parametrize("config", ["shakespeare_char_cpu", "shakespeare_char", "shakespeare_gpt2",
