@@ -131,7 +131,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay on this machine
+    os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay on this machine, quietly
+    os.environ.setdefault("WANDB_SILENT", "true")
     args.run_dir = tempfile.mkdtemp(prefix="bench_train-")  # its run folders are thrown away
     rows = []
     try:
