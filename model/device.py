@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
-# The written-out attention beat PyTorch's fused CPU kernels under bf16 at T=64 (their backward is slow
-# in bf16 there); its T x T matrices cost more as T grows, so past this context the fused path is used.
+# The written-out attention beat PyTorch's fused CPU kernels under bf16 at T=64 (their backward is
+# slow in bf16 there); its T x T matrices cost more as T grows, so past this context the fused
+# path is used.
 NAIVE_BF16_CPU_MAX_T = 128
 
 
@@ -69,8 +70,8 @@ def slow_precision_warning(info: DeviceInfo, precision: str) -> str | None:
     """A one-line warning for an explicit precision that is known to be slow on this device."""
     if info.type == "cpu" and not info.bf16 and str(precision).startswith(("bf16", "16")):
         kind = "bf16" if str(precision).startswith("bf16") else "fp16"
-        return (f"precision {precision} on this CPU ({info.name}) is emulated: it has no native {kind} "
-                f"instructions, and it ran ~12x slower than 32-true in measurements. Use "
+        return (f"precision {precision} on this CPU ({info.name}) is emulated: it has no native "
+                f"{kind} instructions, and it ran ~12x slower than 32-true in measurements. Use "
                 f"--trainer.precision auto (32-true here) unless you are testing precision itself")
     if info.type == "cuda" and not info.bf16 and str(precision).startswith("bf16"):
         return (f"{info.name} has no native bf16: {precision} is slow or unsupported there; use "
@@ -87,7 +88,8 @@ def resolve_device(accelerator: str | None = "auto") -> str:
     if accelerator in DEVICE_TYPES:
         return accelerator
     if accelerator != "auto":
-        raise ValueError(f"unknown accelerator {accelerator!r}; choose auto, cpu, cuda (gpu) or mps")
+        raise ValueError(f"unknown accelerator {accelerator!r}; choose auto, cpu, cuda (gpu) "
+                         f"or mps")
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available():
@@ -105,8 +107,10 @@ def device_info(device_type: str) -> DeviceInfo:
     if device_type == "mps":
         return DeviceInfo("mps", "Apple GPU", torch.backends.mps.is_macos_or_newer(14, 0))
     if device_type != "cpu":
-        raise ValueError(f"unknown device type {device_type!r}; choose one of {', '.join(DEVICE_TYPES)}")
-    return DeviceInfo("cpu", f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})", cpu_has_bf16())
+        raise ValueError(f"unknown device type {device_type!r}; choose one of "
+                         f"{', '.join(DEVICE_TYPES)}")
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ...
+    return DeviceInfo("cpu", f"{cpu_name()} ({capability})", cpu_has_bf16())
 
 
 def cpu_has_bf16() -> bool:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
 import torch
 import yaml

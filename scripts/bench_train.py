@@ -1,7 +1,7 @@
 """Training speed of a config across attention paths and precisions (and torch.compile), against the
 fastest of them and against a bare PyTorch loop doing the same work.
 
-    python scripts/bench_train.py                       # the CPU config on the shipped Tiny Shakespeare
+    python scripts/bench_train.py              # the CPU config on the shipped Tiny Shakespeare
     python scripts/bench_train.py --variants auto:auto sdpa:32-true naive:bf16-mixed --steps 50
     python scripts/bench_train.py --config configs/shakespeare_char.yaml --device cuda \\
         --variants auto:auto sdpa:bf16-mixed flash:bf16-mixed sdpa:bf16-mixed:compile
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
 import lightning as L
 import torch
@@ -33,8 +33,8 @@ from model.device import device_info
 from train import make_cli
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true", "naive:bf16-mixed",
-                    "sdpa:bf16-mixed", "flash:bf16-mixed"]
+DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true",
+                    "naive:bf16-mixed", "sdpa:bf16-mixed", "flash:bf16-mixed"]
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -49,11 +49,13 @@ class StepClock(L.Callback):
 
 
 def build(args, attn_impl: str, precision: str, compile: bool):
-    """The objects train.py would build for this variant (extra train.py flags last, so they win)."""
-    overrides = ["--config", args.config, "--model.config.attn_impl", attn_impl, "--model.compile",
-                 str(compile).lower(), "--trainer.precision", precision, "--trainer.accelerator", args.device,
-                 "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.limit_val_batches", "0",
-                 "--checkpoint.monitor", "null", "--checkpoint.save_last", "false", "--run.save_dir", args.run_dir,
+    """The objects train.py would build for this variant (extra train.py flags last: they win)."""
+    overrides = ["--config", args.config, "--model.config.attn_impl", attn_impl,
+                 "--model.compile", str(compile).lower(), "--trainer.precision", precision,
+                 "--trainer.accelerator", args.device,
+                 "--trainer.max_steps", str(args.warmup + args.steps),
+                 "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null",
+                 "--checkpoint.save_last", "false", "--run.save_dir", args.run_dir,
                  *(["--data.source", args.source] if args.source else []), *args.train_flags]
     return make_cli(overrides, run=False)
 
@@ -63,22 +65,24 @@ def ms_per_step(times: list[float], steps: int) -> float:
 
 
 def lightning_run(args, variant) -> tuple[float, str, str, int]:
-    """ms per step through Lightning, the resolved attention path and precision, and tokens per step."""
+    """ms per step through Lightning, the resolved attention path and precision, and tokens per
+    step."""
     cli = build(args, *variant)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
     x, _ = next(iter(cli.datamodule.train_dataloader()))
-    return (ms_per_step(clock.times, args.steps), cli.model.model.config.attn_impl, str(cli.trainer.precision),
-            x.numel())
+    return (ms_per_step(clock.times, args.steps), cli.model.model.config.attn_impl,
+            str(cli.trainer.precision), x.numel())
 
 
 def bare_run(args, variant) -> float:
-    """What the Lightning step does, written out: forward under autocast, backward, clip, step, schedule."""
+    """What the Lightning step does, written out: forward under autocast, backward, clip, step,
+    schedule."""
     cli = build(args, *variant)
     module, dm, trainer = cli.model.to(args.device), cli.datamodule, cli.trainer
     dm.setup("fit")
-    module.trainer = trainer  # configure_optimizers reads max_steps and the precision from it
+    module.trainer = trainer  # configure_optimizers reads max_steps and the precision here
     module.configure_model()
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
@@ -109,13 +113,17 @@ def bare_run(args, variant) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"))
-    p.add_argument("--source", default=None, help="training text, as --data.source (default: the config's)")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="ATTN_IMPL:PRECISION[:compile] ...")
+    p.add_argument("--source", default=None,
+                   help="training text, as --data.source (default: the config's)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help="ATTN_IMPL:PRECISION[:compile] ...")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation happens here)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each loop; the best counts")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice)")
     args, args.train_flags = p.parse_known_args(argv)  # the rest goes to train.py's CLI
     for spec in args.variants:
         parts = spec.split(":")
@@ -131,7 +139,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay on this machine, quietly
+    os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay here, quietly
     os.environ.setdefault("WANDB_SILENT", "true")
     args.run_dir = tempfile.mkdtemp(prefix="bench_train-")  # its run folders are thrown away
     rows = []
@@ -140,26 +148,28 @@ def main(argv=None):
             attn_impl, precision, *rest = spec.split(":")
             variant = (attn_impl, precision, rest == ["compile"])
             lightning, bare = [], []
-            for _ in range(args.repeats):  # alternate, and keep each one's best: the machine's noise only slows
+            for _ in range(args.repeats):  # alternate, keep each one's best: noise only slows
                 ms, resolved_attn, resolved_precision, tokens = lightning_run(args, variant)
                 lightning.append(ms)
                 bare.append(bare_run(args, variant))
-            rows.append((spec, resolved_attn, resolved_precision, variant[2], min(lightning), min(bare), tokens))
+            rows.append((spec, resolved_attn, resolved_precision, variant[2], min(lightning),
+                         min(bare), tokens))
     finally:
         shutil.rmtree(args.run_dir, ignore_errors=True)
 
     fastest = min(row[4] for row in rows if not row[3])  # among the eager variants
     info = device_info(args.device)
-    print(f"\n{Path(args.config).name}, {info.describe()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; {args.steps} timed steps after {args.warmup}, best of {args.repeats}\n")
+    print(f"\n{Path(args.config).name}, {info.describe()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup}, "
+          f"best of {args.repeats}\n")
     print("| variant | attn_impl | precision | compile | ms/step | tokens/s | bare loop ms/step "
           "| Lightning overhead | vs fastest |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for spec, attn_impl, precision, compiled, ms, bare_ms, tokens in rows:
-        print(f"| {spec} | {attn_impl} | {precision} | {'yes' if compiled else 'no'} | {ms:.1f} | "
-              f"{1000 * tokens / ms:,.0f} | {bare_ms:.1f} | {100 * (ms - bare_ms) / bare_ms:+.1f}% | "
+        overhead = 100 * (ms - bare_ms) / bare_ms
+        print(f"| {spec} | {attn_impl} | {precision} | {'yes' if compiled else 'no'} | "
+              f"{ms:.1f} | {1000 * tokens / ms:,.0f} | {bare_ms:.1f} | {overhead:+.1f}% | "
               f"{ms / fastest:.2f}x |")
-
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
 import torch
 

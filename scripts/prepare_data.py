@@ -9,7 +9,7 @@ Training with the same --data.source, --data.tokenizer (and --data.cache_dir) th
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/, train.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
 from jsonargparse import CLI
 
