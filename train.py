@@ -764,19 +764,19 @@ class CLI(LightningCLI):
         in the config itself: the run's config.yaml and wandb config hold the choice, not ``auto``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, model_config = config.trainer, config.model.config
-        self.device_info = accelerator_device(trainer.accelerator)
+        info = accelerator_device(trainer.accelerator)
         resolved = []
         if trainer.precision == "auto":
-            trainer.precision = choose_precision(self.device_info)
+            trainer.precision = choose_precision(info)
             resolved.append(f"precision auto -> {trainer.precision}")
-        elif (warning := slow_precision_warning(self.device_info, trainer.precision)) is not None:
+        elif (warning := slow_precision_warning(info, trainer.precision)) is not None:
             rank_zero_info(f"Warning: {warning}")
         if model_config.attn_impl == "auto":
             seq_len, key_mask = self.attention_shape(config)
-            model_config.attn_impl = choose_attn_impl(self.device_info, str(trainer.precision), seq_len=seq_len,
-                                                      key_mask=key_mask, dropout=model_config.dropout)
+            model_config.attn_impl = choose_attn_impl(info, str(trainer.precision), seq_len=seq_len,
+                                                      key_mask=key_mask)
             resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
-        rank_zero_info(f"Device: {self.device_info.describe()}" + (f"; {', '.join(resolved)}" if resolved else ""))
+        rank_zero_info(f"Device: {info.describe()}" + (f"; {', '.join(resolved)}" if resolved else ""))
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, logging into the run's folder: a new one, or that of the run a fit resumes."""

@@ -50,13 +50,13 @@ def choose_precision(info: DeviceInfo) -> str:
     return "32-true" if info.type == "cpu" else "16-mixed"
 
 
-def choose_attn_impl(info: DeviceInfo, precision: str, *, seq_len: int, key_mask: bool = False,
-                     dropout: float = 0.0) -> str:
+def choose_attn_impl(info: DeviceInfo, precision: str, *, seq_len: int,
+                     key_mask: bool = False) -> str:
     """The attention path for ``auto``, given the precision the run uses.
 
     seq_len: the longest sequence attended over (a GPT's block_size, a seq2seq model's max_len).
     key_mask: the model masks padded keys (the seq2seq model): flash kernels take no such mask.
-    dropout: attention dropout; PyTorch's CPU flash kernel has none.
+    (The ``flash`` path is chosen on CUDA only: on a CPU it has no attention dropout.)
     """
     low_precision = precision.startswith(("bf16", "16"))
     if info.type == "cuda" and info.flash_attn and low_precision and not key_mask:
