@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -321,6 +321,7 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "bleu_lc": BLEU(lowercase=True).corpus_score(hypotheses, [references]).score}
 
 
+@cache
 def bleu_signature() -> str:
     """sacreBLEU's signature of the cased score (one reference), which says how the scores were computed:
     quote it beside them. The lowercase score's differs only in ``case:lc``."""
@@ -743,7 +744,12 @@ def _resume_conflict_message(ckpt_path: str, conflicts: list[tuple[str, object, 
 class CLI(LightningCLI):
     """The options both kinds share: the run folder and wandb (``run``, see RunConfig), checkpoints (best by
     val/loss, and last), the learning rate and throughput monitors, and ``kind`` (read by ``main`` to pick
-    the classes). Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones."""
+    the classes). Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones. Subclasses
+    say what ``attn_impl: auto`` needs to know: the option holding the longest sequence attended over
+    (``seq_len_option``) and whether the model masks padded keys (``masks_padded_keys``)."""
+
+    seq_len_option: str
+    masks_padded_keys: bool
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(KINDS), default="gpt", help="the model to train")
@@ -754,10 +760,6 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
-
-    def attention_shape(self, config) -> tuple[int, bool]:
-        """The longest sequence the model attends over, and whether it masks padded keys."""
-        raise NotImplementedError
 
     def before_instantiate_classes(self):
         """Resolve ``auto`` precision and attention path from what the device can do (model/device.py),
@@ -772,9 +774,9 @@ class CLI(LightningCLI):
         elif (warning := slow_precision_warning(info, trainer.precision)) is not None:
             rank_zero_info(f"Warning: {warning}")
         if model_config.attn_impl == "auto":
-            seq_len, key_mask = self.attention_shape(config)
-            model_config.attn_impl = choose_attn_impl(info, str(trainer.precision), seq_len=seq_len,
-                                                      key_mask=key_mask)
+            model_config.attn_impl = choose_attn_impl(info, str(trainer.precision),
+                                                      seq_len=config[self.seq_len_option],
+                                                      key_mask=self.masks_padded_keys)
             resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
         rank_zero_info(f"Device: {info.describe()}" + (f"; {', '.join(resolved)}" if resolved else ""))
 
@@ -904,8 +906,7 @@ class CLI(LightningCLI):
 
 
 class GPTCLI(CLI):
-    def attention_shape(self, config) -> tuple[int, bool]:
-        return config.data.block_size, False
+    seq_len_option, masks_padded_keys = "data.block_size", False
 
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
@@ -915,8 +916,7 @@ class GPTCLI(CLI):
 
 
 class Seq2SeqCLI(CLI):
-    def attention_shape(self, config) -> tuple[int, bool]:
-        return config.data.max_len, True
+    seq_len_option, masks_padded_keys = "data.max_len", True
 
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)

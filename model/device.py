@@ -5,7 +5,7 @@ rule is two small pure functions of a ``DeviceInfo``, so every branch is tested 
 only ``device_info`` asks the hardware.
 
 Why a rule and not one default: bf16 autocast is 1.4x faster than fp32 on a CPU with AVX-512 BF16
-(or AMX) instructions, and ~12x *slower* on one without them (AVX2 only), where PyTorch emulates it
+(or AMX) instructions, and ~13x *slower* on one without them (AVX2 only), where PyTorch emulates it
 (docs/speed.md has the measurements). GPUs before Ampere (V100, T4) have no bf16 either, and take
 fp16 with a loss scaler instead.
 """
@@ -71,7 +71,7 @@ def slow_precision_warning(info: DeviceInfo, precision: str) -> str | None:
     if info.type == "cpu" and not info.bf16 and str(precision).startswith(("bf16", "16")):
         kind = "bf16" if str(precision).startswith("bf16") else "fp16"
         return (f"precision {precision} on this CPU ({info.name}) is emulated: it has no native "
-                f"{kind} instructions, and it ran ~12x slower than 32-true in measurements. Use "
+                f"{kind} instructions (bf16-mixed ran ~13x slower than 32-true on an AVX2 CPU). Use "
                 f"--trainer.precision auto (32-true here) unless you are testing precision itself")
     if info.type == "cuda" and not info.bf16 and str(precision).startswith("bf16"):
         return (f"{info.name} has no native bf16: {precision} is slow or unsupported there; use "

@@ -2,6 +2,7 @@
 configs resolving through train.py's CLI to the choice for the machine the tests run on."""
 
 import pytest
+import torch
 from conftest import REPO
 
 import train
@@ -59,7 +60,7 @@ def test_every_choice_builds_and_runs_a_model():
         precision = choose_precision(info)
         model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8,
                               attn_impl=choose_attn_impl(info, precision, seq_len=8)))
-        assert model(train.torch.zeros(1, 8, dtype=train.torch.long))[0].shape == (1, 8, 11)
+        assert model(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 8, 11)
 
 
 def test_auto_is_refused_outside_train_py_with_a_hint():
