@@ -1,13 +1,20 @@
 """Train a GPT, or a seq2seq Transformer for translation, with Lightning from the command line.
 
-    python train.py fit --config configs/shakespeare_char_cpu.yaml --data.source path/to/input.txt
+    python train.py fit --config configs/shakespeare_char_cpu.yaml
+    python train.py fit --config configs/shakespeare_char_cpu.yaml --model.config.n_layer 2 \\
+        --trainer.max_steps 500
     python train.py fit --config configs/multi30k_de_en.yaml --data.source ../shared/data/multi30k
-    python train.py fit --config configs/shakespeare_char_cpu.yaml --model.config.n_layer 2 --trainer.max_steps 500
     python train.py fit --config configs/shakespeare_char_cpu.yaml --print_config
-    python train.py fit --config configs/shakespeare_char_cpu.yaml --ckpt_path runs/.../checkpoints/last.ckpt
+    python train.py fit --config configs/shakespeare_char_cpu.yaml \\
+        --ckpt_path runs/mini-gpt/<run>/checkpoints/last.ckpt
 
-Options come from the YAML files in configs/ and can be overridden on the command line, later flags winning.
-A config's top-level ``kind`` (``gpt``, the default, or ``seq2seq``) picks the model and data classes.
+Options come from the YAML files in configs/ and can be overridden on the command line, later flags
+winning. A config's top-level ``kind`` (``gpt``, the default, or ``seq2seq``) picks the model and
+data classes from ``KINDS``. This file is the training program and nothing else: the models are in
+model/ (pure PyTorch), the data in data/, loading a checkpoint for inference in model/checkpoint.py.
+
+Reading order: optimization; the LightningModules; callbacks and plugins; run folders and logging;
+the CLI and ``main``.
 """
 
 import csv
@@ -25,12 +32,11 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
 from lightning.fabric.connector import _PRECISION_INPUT
@@ -49,13 +55,14 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
-from sacrebleu.metrics import BLEU
 from torch import nn
 from torch.nn import functional as F
 
-from data import LMDataModule, tokenizer_from_dict
-from data.translation import TranslationDataModule, token_batches
-from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer, beam_search, greedy_search
+from data.lm import LMDataModule
+from data.tokenizers import tokenizer_from_dict
+from data.translation import TranslationDataModule
+from model import GPTConfig, Seq2SeqConfig
+from model.checkpoint import MODELS, read_checkpoint
 from model.device import (
     DeviceInfo,
     choose_attn_impl,
@@ -64,10 +71,16 @@ from model.device import (
     resolve_device,
     slow_precision_warning,
 )
+from model.translate import bleu, bleu_signature, translate
+from scripts._common import exit_code
+
+# ------------------------------------------------------------------------------------------------
+# Optimization
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``decay_steps``, then flat."""
+    """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``decay_steps``, then
+    flat."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if step >= decay_steps:
@@ -82,7 +95,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     params = list(module.parameters())  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class NonFiniteLoss(ValueError):
@@ -94,112 +108,119 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, step: int, path: str):
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Resume with "
-                         f"the same command and --ckpt_path {path}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved "
+                         f"{path}. Resume with the same command and --ckpt_path {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The LightningModules
 
 
 class TrainModule(L.LightningModule):
-    """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr`` stepped per
-    optimizer step; the tokenizer, taken from the data module; val perplexity, gradient norm and wall time;
-    and, in every checkpoint, what Lightning does not keep itself: the tokenizer, the random states, the
-    wall time and the run's folder. Subclasses set ``self.model`` (with a ``config``), ``kind``, and
-    ``shape`` (layers and width, for run names)."""
+    """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr``
+    stepped per optimizer step; the tokenizer, taken from the data module; val perplexity, gradient
+    norm and wall time; and, in every checkpoint, what Lightning does not keep itself (the format is
+    in model/checkpoint.py): the model kind, the tokenizer, the random states, the wall time and the
+    run's folder. Subclasses set ``kind`` (a key of ``model.checkpoint.MODELS``) and ``shape``
+    (layers and width, for run names)."""
 
     kind: str
     shape: str
 
-    def __init__(self):
+    def __init__(self, config):
         super().__init__()
-        self.run_info: dict | None = None  # the run's id, name and folder (set by the CLI), kept in checkpoints
-        self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
-        self._fit_start: float | None = None
-        self._rng_to_restore: dict | None = None
-
-    def _build_model(self, config, config_class, model_class):
-        """``self.model`` from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
-        hyperparameters keep it as a plain dict, so that checkpoints load without our classes."""
+        # the subclass's __init__ arguments but config become self.hparams, kept in checkpoints
+        # (Lightning collects them through the chain of __init__ calls); the CLI logs all options
+        self.save_hyperparameters(ignore=["config"], logger=False)
+        # the model from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
+        # hyperparameters keep it as a plain dict, so that checkpoints load without our classes
+        model_class, config_class = MODELS[self.kind]
         if isinstance(config, dict):
             config = config_class(**config)
         self.hparams["config"] = asdict(config)
         self.model = model_class(config)
         self.tokenizer = None  # taken from the data module; saved in every checkpoint
+        self.run_info: dict | None = None  # the run's id, name and folder (set by the CLI)
+        self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
+        self._fit_start: float | None = None
+        self._rng_to_restore: dict | None = None
 
     def setup(self, stage: str):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             if tokenizer.vocab_size != self.model.config.vocab_size:
-                raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the model was built "
-                                 f"for {self.model.config.vocab_size}; train and resume with the same tokenizer")
+                raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the "
+                                 f"model was built for {self.model.config.vocab_size}; train and "
+                                 f"resume with the same tokenizer")
             self.tokenizer = tokenizer
 
     def configure_optimizers(self):
         hp = self.hparams
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps < 1:
-            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps or "
-                             "--model.lr_decay_steps")
-        # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses to clip
-        # the gradients of a fused optimizer under mixed precision, so AMP runs take the multi-tensor (foreach)
-        # one, which is not PyTorch's default on CPU (that is a Python loop over the parameters).
+            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps "
+                             "or --model.lr_decay_steps")
+        # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses
+        # to clip the gradients of a fused optimizer under mixed precision, so AMP runs take the
+        # multi-tensor (foreach) one, which is not PyTorch's default on CPU (a loop over parameters)
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
         fused = self.device.type in ("cuda", "cpu") and not mixed
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=fused, foreach=not fused)
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr,
+                                      betas=tuple(hp.betas), fused=fused, foreach=not fused)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
                            min_ratio=hp.min_lr / hp.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _finite(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss, or NonFiniteLoss before it reaches the weights (the last checkpoint stays the last good one)."""
+        """The loss, or NonFiniteLoss before it reaches the weights (the last checkpoint stays the
+        last good one)."""
         if not torch.isfinite(loss):
             ckpt = self.trainer.checkpoint_callback
             last = ckpt.last_model_path if ckpt is not None else ""
-            where = f"{last} is the last good checkpoint: resume from it" if last else "no checkpoint yet: start again"
-            raise NonFiniteLoss(f"the training loss is {loss.item()} at step {self.global_step}; training stopped "
-                                f"before it changed the weights. {where} with a lower --model.lr, "
-                                f"--trainer.gradient_clip_val, or 32-true precision")
+            where = (f"{last} is the last good checkpoint: resume from it" if last
+                     else "no checkpoint yet: start again")
+            raise NonFiniteLoss(f"the training loss is {loss.item()} at step {self.global_step}; "
+                                f"training stopped before it changed the weights. {where} with a "
+                                f"lower --model.lr, --trainer.gradient_clip_val, or 32-true "
+                                f"precision")
         return loss
 
     def on_validation_epoch_start(self):
-        self._val_nll = torch.zeros(2, device=self.device)  # NLL summed over target tokens, and their count
+        self._val_nll = torch.zeros(2, device=self.device)  # NLL summed over target tokens; count
 
     def _log_val_loss(self, loss: torch.Tensor, nll: torch.Tensor, tokens: int):
-        """val/loss (the training objective) and, at the epoch's end, val/ppl: exp of the mean NLL per token."""
+        """val/loss (the training objective) and, at the epoch's end, val/ppl: exp of the mean NLL
+        per token."""
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens)
-        self._val_nll += torch.stack([nll.detach().float() * tokens, nll.new_tensor(tokens, dtype=torch.float)])
+        self._val_nll += torch.stack([nll.detach().float() * tokens,
+                                      nll.new_tensor(tokens, dtype=torch.float)])
 
     def on_validation_epoch_end(self):
-        nll, tokens = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")  # over all processes
+        nll, tokens = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")  # all processes
         self.log("val/ppl", torch.exp(nll / tokens), sync_dist=True)  # the same on every process
         if self._fit_start is not None and not self.trainer.sanity_checking:
-            self.log("val/wall_time_s", self.wall_time(), sync_dist=True)  # for plots of val loss against time
-
-    def on_fit_start(self):  # after a resume's on_load_checkpoint
-        self._fit_start = time.perf_counter() - self._elapsed_before
-
-    def on_train_start(self):  # the last hook before the first step: nothing draws random numbers after it
-        if self._rng_to_restore is not None:
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
-            version, state, gauss = self._rng_to_restore["python"]
-            random.setstate((version, tuple(state), gauss))
-            self._rng_to_restore = None
-
-    def wall_time(self) -> float:
-        """Seconds since this run's training started, resumes included (time between them left out)."""
-        return time.perf_counter() - self._fit_start if self._fit_start is not None else self._elapsed_before
+            self.log("val/wall_time_s", self.wall_time(), sync_dist=True)  # val loss against time
 
     def on_before_optimizer_step(self, optimizer):
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping, after AMP unscaling
-            norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping, unscaled
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters()
+                     if p.grad is not None]
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+
+    def evaluate_after_fit(self):
+        """What a kind evaluates, prints and logs once training has ended (the CLI calls it)."""
+
+    # Resuming. Lightning restores the weights, optimizer, schedule, step and loops; these hooks add
+    # what makes N + N steps equal 2N straight: the wall time so far, and the random states
+    # (dropout, the data order), which are put back at the last moment before the first step, after
+    # anything else in the set-up may have drawn random numbers.
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
         checkpoint["wall_time_s"] = self.wall_time()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}  # dropout, ...
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.run_info is not None:
@@ -209,26 +230,48 @@ class TrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         if checkpoint.get("model_kind", "gpt") != self.kind:
-            raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a {self.kind} run")
+            raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a "
+                             f"{self.kind} run")
         self._elapsed_before = checkpoint.get("wall_time_s", 0.0)
         self._rng_to_restore = checkpoint.get("rng_states")
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
 
+    def on_fit_start(self):  # after a resume's on_load_checkpoint: the clock continues from there
+        self._fit_start = time.perf_counter() - self._elapsed_before
+
+    def on_train_start(self):  # the last hook before the first step: nothing draws after it
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            version, state, gauss = self._rng_to_restore["python"]  # a list after torch.load
+            random.setstate((version, tuple(state), gauss))
+            self._rng_to_restore = None
+
+    def wall_time(self) -> float:
+        """Seconds since this run's training started, resumes included (time between them left
+        out)."""
+        if self._fit_start is None:
+            return self._elapsed_before
+        return time.perf_counter() - self._fit_start
+
 
 class GPTLightningModule(TrainModule):
-    """Trains ``model.GPT``: AdamW, linear warmup then cosine decay to ``min_lr``, stepped per optimizer step.
+    """Trains ``model.GPT`` on (x, y) windows of a corpus from ``LMDataModule``.
 
     Args:
         config: the model's shape (``vocab_size`` and ``block_size`` come from the data).
         lr: peak learning rate, reached after ``warmup_steps``.
         min_lr: learning rate at the end of the decay.
         warmup_steps: optimizer steps of linear warmup.
-        lr_decay_steps: optimizer step where the cosine reaches ``min_lr``; default ``trainer.max_steps``.
+        lr_decay_steps: optimizer step where the cosine reaches ``min_lr``; default
+            ``trainer.max_steps``.
         weight_decay: AdamW weight decay of the weight matrices.
         betas: AdamW betas.
         compile: compile the model with ``torch.compile`` (in place: checkpoint keys are unchanged).
-        val_samples: samples generated at each validation (0: none), logged as text and, with wandb, a table.
+        val_samples: samples generated at each validation (0: none), logged as text and, with
+            wandb, a table.
         val_sample_tokens: tokens per sample.
     """
 
@@ -239,12 +282,10 @@ class GPTLightningModule(TrainModule):
         return f"{self.model.config.n_layer}L{self.model.config.n_embd}d"
 
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
-                 warmup_steps: int = 100, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), compile: bool = False, val_samples: int = 2,
-                 val_sample_tokens: int = 200):
-        super().__init__()
-        self.save_hyperparameters(ignore=["config"], logger=False)  # the CLI logs the whole config
-        self._build_model(config, GPTConfig, GPT)
+                 warmup_steps: int = 100, lr_decay_steps: int | None = None,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 compile: bool = False, val_samples: int = 2, val_sample_tokens: int = 200):
+        super().__init__(config)
         self._flops_shape = None
 
     def configure_model(self):
@@ -253,8 +294,9 @@ class GPTLightningModule(TrainModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         x, _ = batch
-        if x.shape != self._flops_shape:  # read by Throughput; counting parameters every step costs time
-            self._flops_shape, self.flops_per_batch = x.shape, self.model.flops_per_token(x.size(1)) * x.numel()
+        if x.shape != self._flops_shape:  # read by Throughput; counting parameters costs time
+            self._flops_shape = x.shape
+            self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -270,79 +312,35 @@ class GPTLightningModule(TrainModule):
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
         hp = self.hparams
-        if self.trainer.sanity_checking or self.tokenizer is None or hp.val_samples < 1 \
-                or not self.trainer.is_global_zero:
+        if (self.trainer.sanity_checking or self.tokenizer is None or hp.val_samples < 1
+                or not self.trainer.is_global_zero):
             return
         start = torch.full((hp.val_samples, 1), self.tokenizer.start_token, device=self.device)
-        generator = torch.Generator(self.device).manual_seed(0)  # the same draws at every validation
-        tokens = self.model.generate(start, hp.val_sample_tokens, temperature=0.8, top_k=200, generator=generator)
+        generator = torch.Generator(self.device).manual_seed(0)  # the same draws every validation
+        tokens = self.model.generate(start, hp.val_sample_tokens, temperature=0.8, top_k=200,
+                                     generator=generator)
         texts = [self.tokenizer.decode(row[1:].tolist()) for row in tokens]
         rank_zero_info(f"\nSamples at step {self.global_step}:\n" + "\n---\n".join(texts))
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_text("val/samples", columns=["step", "sample"], data=[[self.global_step, t] for t in texts])
-
-
-def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size: int = 1, alpha: float = 0.6,
-              max_tokens: int = 4000, truncate: bool = False) -> list[str]:
-    """Translate ``texts`` (detokenized strings in, detokenized strings out), in batches of similar length of
-    at most ``max_tokens`` source tokens; beam_size 1 is greedy search. The model must be in eval mode.
-    A text longer than the model's ``max_len`` tokens is an error, or with ``truncate`` cut to its first
-    ``max_len`` tokens (scoring a whole evaluation set: every line counts, a cut one as it comes out)."""
-    ids = tokenizer.encode_batch(texts)
-    limit = model.config.max_len
-    too_long = [i for i, row in enumerate(ids) if len(row) > limit]
-    if too_long and truncate:
-        rank_zero_info(f"{len(too_long)} of {len(texts)} sources are longer than max_len ({limit} tokens): "
-                       f"translating their first {limit} tokens")
-        ids = [row[:limit] for row in ids]
-    elif too_long:
-        raise ValueError(f"line {too_long[0] + 1} is {len(ids[too_long[0]])} tokens long; this model reads at most "
-                         f"{limit} (its max_len): split it into shorter sentences")
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(texts)  # an empty line translates to an empty line
-    nonempty = np.array([i for i, row in enumerate(ids) if row], dtype=np.int64)
-    lengths = np.array([len(ids[i]) for i in nonempty])
-    for batch in token_batches(lengths, max(max_tokens, limit) // beam_size):
-        index = nonempty[batch]
-        src = torch.full((len(index), max(len(ids[i]) for i in index)), model.config.pad_id, dtype=torch.long)
-        for row, i in enumerate(index):
-            src[row, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-        src = src.to(device)
-        hyps = greedy_search(model, src) if beam_size == 1 else beam_search(model, src, beam_size, alpha)
-        for i, hyp in zip(index, hyps, strict=True):
-            out[i] = tokenizer.decode(hyp).strip()
-    return out
-
-
-def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """sacreBLEU on detokenized text: the standard cased score and the lowercased one."""
-    return {"bleu": BLEU().corpus_score(hypotheses, [references]).score,
-            "bleu_lc": BLEU(lowercase=True).corpus_score(hypotheses, [references]).score}
-
-
-@cache
-def bleu_signature() -> str:
-    """sacreBLEU's signature of the cased score (one reference), which says how the scores were computed:
-    quote it beside them. The lowercase score's differs only in ``case:lc``."""
-    metric = BLEU()
-    metric.corpus_score(["a"], [["a"]])  # the signature needs the number of references, known after a score
-    return str(metric.get_signature())
+                logger.log_text("val/samples", columns=["step", "sample"],
+                                data=[[self.global_step, text] for text in texts])
 
 
 class Seq2SeqLightningModule(TrainModule):
-    """Trains ``model.Seq2SeqTransformer`` on batches of (src, tgt_in, tgt_out) from ``TranslationDataModule``.
+    """Trains ``model.Seq2SeqTransformer`` on batches of (src, tgt_in, tgt_out) from
+    ``TranslationDataModule``.
 
     Args:
         config: the model's shape (``vocab_size`` and ``max_len`` come from the data).
         lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas: as for GPTLightningModule.
-        val_bleu: translate the validation set with greedy search at each validation and log sacreBLEU
-            (``val/bleu``, ``val/bleu_lc``), with a few examples.
+        val_bleu: translate the validation set with greedy search at each validation and log
+            sacreBLEU (``val/bleu``, ``val/bleu_lc``), with a few examples.
         beam_size: beam for the BLEU at the end of training (``final/bleu``).
         length_penalty: alpha of GNMT's length penalty for beam search.
-        tune_length_penalty: alphas to try at the end of training, with beam search on the data's dev split
-            (``--data.dev_size``); the one with the best cased BLEU there replaces ``length_penalty`` for the
-            final val BLEU, so that val is never used to choose it.
+        tune_length_penalty: alphas to try at the end of training, with beam search on the data's
+            dev split (``--data.dev_size``); the one with the best cased BLEU there replaces
+            ``length_penalty`` for the final val BLEU, so that val is never used to choose it.
     """
 
     kind = "seq2seq"
@@ -352,19 +350,20 @@ class Seq2SeqLightningModule(TrainModule):
         c = self.model.config
         return f"{c.n_encoder_layer}+{c.n_decoder_layer}L{c.n_embd}d"
 
-    def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3, min_lr: float = 1e-4,
-                 warmup_steps: int = 400, lr_decay_steps: int | None = None, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.98), val_bleu: bool = True, beam_size: int = 4,
-                 length_penalty: float = 0.6, tune_length_penalty: list[float] | None = None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["config"], logger=False)  # the CLI logs the whole config
-        self._build_model(config, Seq2SeqConfig, Seq2SeqTransformer)
+    def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3,
+                 min_lr: float = 1e-4, warmup_steps: int = 400, lr_decay_steps: int | None = None,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 val_bleu: bool = True, beam_size: int = 4, length_penalty: float = 0.6,
+                 tune_length_penalty: list[float] | None = None):
+        super().__init__(config)
 
     def setup(self, stage: str):
         super().setup(stage)
-        if stage == "fit" and self.hparams.tune_length_penalty and "dev" not in self.trainer.datamodule.texts:
-            raise ValueError("model.tune_length_penalty needs a dev split to tune on: set --data.dev_size "
-                             "(e.g. 1000 training pairs held out), or leave tune_length_penalty unset")
+        if stage == "fit" and self.hparams.tune_length_penalty \
+                and "dev" not in self.trainer.datamodule.texts:
+            raise ValueError("model.tune_length_penalty needs a dev split to tune on: set "
+                             "--data.dev_size (e.g. 1000 training pairs held out), or leave "
+                             "tune_length_penalty unset")
 
     def on_train_batch_start(self, batch, batch_idx):
         src, tgt_in, _ = batch  # read by Throughput
@@ -378,30 +377,35 @@ class Seq2SeqLightningModule(TrainModule):
 
     def validation_step(self, batch, batch_idx):
         src, tgt_in, tgt_out = batch
+        pad = self.model.config.pad_id
         logits, loss = self.model(src, tgt_in, tgt_out)  # loss: label-smoothed
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=self.model.config.pad_id)
-        tokens = int((tgt_out != self.model.config.pad_id).sum())  # the mean over batches weighs them by tokens
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=pad)
+        tokens = int((tgt_out != pad).sum())  # the mean over batches weighs them by tokens
         self._log_val_loss(loss, nll, tokens)
-        # BLEU here, at the last batch, not in on_validation_epoch_end: callbacks' epoch-end hooks run first,
-        # and the EMA callback's puts the training weights back
+        # BLEU here, at the last batch, not in on_validation_epoch_end: callbacks' epoch-end hooks
+        # run first, and the EMA callback's puts the training weights back
         if batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking:
             self._log_val_bleu()
 
-    def evaluate_bleu(self, beam_size: int = 1, split: str = "val", length_penalty: float | None = None
-                      ) -> tuple[dict[str, float], list[str]]:
-        """sacreBLEU of the model's translations of a split of the data module's pairs, and the translations."""
+    def evaluate_bleu(self, beam_size: int = 1, split: str = "val",
+                      length_penalty: float | None = None) -> tuple[dict[str, float], list[str]]:
+        """sacreBLEU of the model's translations of a split of the data module's pairs, and the
+        translations."""
         sources, references = self.trainer.datamodule.texts[split]
         alpha = self.hparams.length_penalty if length_penalty is None else length_penalty
         hypotheses = translate(self.model, self.tokenizer, sources, beam_size, alpha, truncate=True)
         return bleu(hypotheses, references), hypotheses
 
     def best_length_penalty(self) -> float:
-        """The alpha of ``tune_length_penalty`` with the best cased beam-search BLEU on the dev split."""
+        """The alpha of ``tune_length_penalty`` with the best cased beam-search BLEU on the dev
+        split."""
         hp = self.hparams
-        scores = {alpha: self.evaluate_bleu(hp.beam_size, "dev", alpha)[0]["bleu"] for alpha in hp.tune_length_penalty}
+        scores = {alpha: self.evaluate_bleu(hp.beam_size, "dev", alpha)[0]["bleu"]
+                  for alpha in hp.tune_length_penalty}
         best = max(scores, key=scores.get)
         rank_zero_info(f"Dev sacreBLEU (beam {hp.beam_size}) by length penalty: "
-                       + ", ".join(f"{alpha}: {score:.2f}" for alpha, score in scores.items()) + f"; using {best}")
+                       + ", ".join(f"{alpha}: {score:.2f}" for alpha, score in scores.items())
+                       + f"; using {best}")
         return best
 
     def _log_val_bleu(self):
@@ -417,18 +421,43 @@ class Seq2SeqLightningModule(TrainModule):
                        + "\n".join(f"  {s}\n  -> {h}\n  (ref: {r})" for _, s, h, r in examples))
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_text("val/translations", columns=["step", "source", "translation", "reference"],
-                                data=examples)
+                logger.log_text("val/translations", data=examples,
+                                columns=["step", "source", "translation", "reference"])
+
+    def evaluate_after_fit(self):
+        """The final weights (the EMA's, with that callback) translate val with beam search, after
+        tuning the length penalty on dev: ``final/bleu``, ``final/bleu_lc``."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.interrupted or self.tokenizer is None:
+            return
+        self.eval()
+        hp = self.hparams
+        if hp.tune_length_penalty:
+            hp.length_penalty = self.best_length_penalty()
+        scores, _ = self.evaluate_bleu(hp.beam_size)
+        rank_zero_info(f"Final val sacreBLEU (beam {hp.beam_size}, length penalty "
+                       f"{hp.length_penalty}): {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
+                       f"lowercase ({bleu_signature()}). scripts/translate.py: --beam "
+                       f"{hp.beam_size} --length-penalty {hp.length_penalty}")
+        metrics = {**scores, "length_penalty": hp.length_penalty}
+        for logger in trainer.loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items()},
+                               step=trainer.global_step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Callbacks and plugins
 
 
 class EMA(WeightAveraging):
     """An exponential moving average of the weights, updated after every optimizer step (Lightning's
-    WeightAveraging): validation runs on it, checkpoints store it as the model's weights, and the model
-    ends training with it.
+    WeightAveraging): validation runs on it, checkpoints store it as the model's weights, and the
+    model ends training with it.
 
     Args:
-        decay: weight of the average at each update (0.998: about the last 500 steps), reached gradually:
-            update n uses min(decay, (1 + n) / (10 + n)), so the random initial weights fade out early.
+        decay: weight of the average at each update (0.998: about the last 500 steps), reached
+            gradually: update n uses min(decay, (1 + n) / (10 + n)), so the random initial weights
+            fade out early.
     """
 
     def __init__(self, decay: float = 0.998):
@@ -436,58 +465,18 @@ class EMA(WeightAveraging):
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
 
         @torch.no_grad()
-        def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor):
+        def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+                   n_averaged: torch.Tensor):
             weight = 1.0 - min(decay, (1.0 + n_averaged.item()) / (10.0 + n_averaged.item()))
             torch._foreach_lerp_(averaged, current, weight)
 
         super().__init__(multi_avg_fn=update, use_buffers=True)
 
 
-def _read_checkpoint(path: str, device: str, kind: str | None) -> dict:
-    if not Path(path).is_file():
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file complete, "
-                         f"and was it written by train.py?") from None
-    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
-    if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project (it has no model config or tokenizer)")
-    if kind is not None and ckpt.get("model_kind", "gpt") != kind:
-        raise ValueError(f"{path} holds a {ckpt['model_kind']} model, not a {kind} one")
-    return ckpt
-
-
-MODELS = {"gpt": (GPT, GPTConfig), "seq2seq": (Seq2SeqTransformer, Seq2SeqConfig)}
-
-
-def load_checkpoint(path: str, device: str = "cpu", kind: str | None = None):
-    """The model (in eval mode), tokenizer and kind of a checkpoint written by train.py, GPT or seq2seq
-    (or only ``kind``); nothing else needed. Raises ValueError, saying why, for a missing, unreadable or
-    foreign file."""
-    ckpt = _read_checkpoint(path, device, kind)
-    kind = ckpt.get("model_kind", "gpt")
-    model_class, config_class = MODELS[kind]
-    model = model_class(config_class(**ckpt["hyper_parameters"]["config"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
-    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"]), kind
-
-
-def load_gpt_checkpoint(path: str, device: str = "cpu"):
-    """The GPT (in eval mode) and tokenizer of a checkpoint; see ``load_checkpoint``."""
-    return load_checkpoint(path, device, "gpt")[:2]
-
-
-def load_seq2seq_checkpoint(path: str, device: str = "cpu"):
-    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see ``load_checkpoint``."""
-    return load_checkpoint(path, device, "seq2seq")[:2]
-
-
 class Throughput(ThroughputMonitor):
-    """Logs tokens/s (``train/device/items_per_sec``) every log interval and, where the device's peak
-    FLOP/s is known, MFU (``train/device/mfu``): from Lightning's table of common GPUs, or ``peak_flops``
-    (FLOP/s of one device at the training precision) when given, e.g. for a CPU.
+    """Logs tokens/s (``train/device/items_per_sec``) every log interval and, where the device's
+    peak FLOP/s is known, MFU (``train/device/mfu``): from Lightning's table of common GPUs, or
+    ``peak_flops`` (FLOP/s of one device at the training precision) when given, e.g. for a CPU.
 
     Args:
         peak_flops: peak FLOP/s of one device; overrides the table.
@@ -495,8 +484,8 @@ class Throughput(ThroughputMonitor):
     """
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 50):
-        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
-                         window_size=window_size)
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size,
+                         length_fn=lambda batch: batch[0].numel())
         self.peak_flops = peak_flops
 
     def setup(self, trainer, pl_module, stage):
@@ -508,8 +497,8 @@ class Throughput(ThroughputMonitor):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, flushes it to disk, then renames it into place: a
-    crash while saving leaves the previous file whole, never a truncated one."""
+    """Writes a checkpoint to a temporary file beside it, flushes it to disk, then renames it into
+    place: a crash while saving leaves the previous file whole, never a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -526,26 +515,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (here: the best by val/loss, and last.ckpt), with two more guarantees.
+    """Lightning's ModelCheckpoint (here: the best by val/loss, and last.ckpt), with two more
+    guarantees.
 
-    - last.ckpt holds the final step: it is saved at the last training batch. (Lightning saves it at the end
-      of training only when no validation did, and after the EMA callback has put the average in the model.)
-    - Ctrl-C or SIGTERM: the current step finishes, last.ckpt is saved and training stops with Interrupted;
-      the same command with ``--ckpt_path`` that checkpoint resumes. A second Ctrl-C stops at once.
+    - last.ckpt holds the final step: it is saved at the last training batch. (Lightning saves it at
+      the end of training only when no validation did, and after the EMA callback has put the
+      average in the model.)
+    - Ctrl-C or SIGTERM: the current step finishes, last.ckpt is saved and training stops with
+      Interrupted; the same command with ``--ckpt_path`` that checkpoint resumes. A second Ctrl-C
+      stops at once.
     """
 
     def on_train_start(self, trainer, pl_module):
         self._signal, self._final_step = None, None
         if threading.current_thread() is threading.main_thread():  # where Python delivers signals
-            for signum in (signal.SIGINT, signal.SIGTERM):  # Lightning's own restores the originals at teardown
+            for signum in (signal.SIGINT, signal.SIGTERM):  # Lightning restores them at teardown
                 signal.signal(signum, self._stop_after_this_step)
 
     def _stop_after_this_step(self, signum, frame):
         self._signal = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        rank_zero_info(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                       f"(Ctrl-C again to stop at once, without one)")
+        rank_zero_info(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, "
+                       f"then stopping (Ctrl-C again to stop at once, without one)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -554,35 +546,40 @@ class Checkpoint(ModelCheckpoint):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
             path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-            trainer.save_checkpoint(path)  # a validation at this step may save it again, with its score
+            trainer.save_checkpoint(path)  # a validation at this step may save it again, scored
             self._final_step = trainer.global_step
             if stop:
                 raise Interrupted(self._signal or signal.SIGTERM, trainer.global_step, path)
 
     def on_train_end(self, trainer, pl_module):
-        if self._final_step != trainer.global_step:  # training ended another way (epochs, time between steps)
+        if self._final_step != trainer.global_step:  # ended another way (epochs, time limit)
             super().on_train_end(trainer, pl_module)
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folders and logging
 
 
 @dataclass
 class RunConfig:
-    """Where a run's files go and how wandb knows it (the ``run`` section of a config). Each run has its own
-    folder, ``{save_dir}/{project}/{name}-{id}``, holding config.yaml, metrics.csv (always written, so that
-    runs compare with no wandb account), checkpoints/ and wandb/. Resuming from a checkpoint of a run
-    (``--ckpt_path``) continues that run: the same folder, CSV and wandb run.
+    """Where a run's files go and how wandb knows it (the ``run`` section of a config). Each run has
+    its own folder, ``{save_dir}/{project}/{name}-{id}``, holding config.yaml, metrics.csv (always
+    written, so that runs compare with no wandb account), checkpoints/ and wandb/. Resuming from a
+    checkpoint of a run (``--ckpt_path``) continues that run: the same folder, CSV and wandb run.
 
     Args:
-        project: wandb project, and the folder of its runs under ``save_dir``; default ``$WANDB_PROJECT``,
-            else ``mini-gpt``.
-        name: readable run name; default from the config: file stem, model shape, attention path, precision.
+        project: wandb project, and the folder of its runs under ``save_dir``; default
+            ``$WANDB_PROJECT``, else ``mini-gpt``.
+        name: readable run name; default from the config: file stem, model shape, attention path,
+            precision.
         group: wandb group; default ``$WANDB_RUN_GROUP``, else the config file's stem.
         tags: wandb tags; default ``$WANDB_TAGS`` (comma-separated).
         notes: wandb notes.
         entity: wandb user or team; default ``$WANDB_ENTITY``, else your wandb default.
-        mode: wandb ``online``, ``offline`` (upload later with ``wandb sync``) or ``disabled``; default
-            ``$WANDB_MODE``, else online where a wandb API key is set up, else offline.
-        id: run id; default new for each run (a date and 4 random hex digits). Give it to resume a wandb run
-            by id, or to share one id between the nodes of a multi-node job.
+        mode: wandb ``online``, ``offline`` (upload later with ``wandb sync``) or ``disabled``;
+            default ``$WANDB_MODE``, else online where a wandb API key is set up, else offline.
+        id: run id; default new for each run (a date and 4 random hex digits). Give it to resume a
+            wandb run by id, or to share one id between the nodes of a multi-node job.
         save_dir: folder of the projects' run folders.
     """
 
@@ -597,18 +594,14 @@ class RunConfig:
     save_dir: str = "runs"
 
     def with_environment(self, stem: str) -> "RunConfig":
-        """The settings the config leaves unset, taken from wandb's environment variables as wandb itself
-        would (WANDB_MODE is read by ``wandb_mode``), else from our defaults."""
+        """The settings the config leaves unset, taken from wandb's environment variables as wandb
+        itself would (WANDB_MODE is read by ``wandb_mode``), else from our defaults."""
         env = os.environ.get
-        tags = self.tags if self.tags is not None else [t.strip() for t in env("WANDB_TAGS", "").split(",")]
+        tags = self.tags if self.tags is not None else env("WANDB_TAGS", "").split(",")
         return replace(self, project=self.project or env("WANDB_PROJECT") or "mini-gpt",
-                       group=self.group or env("WANDB_RUN_GROUP") or stem, tags=[t for t in tags if t],
+                       group=self.group or env("WANDB_RUN_GROUP") or stem,
+                       tags=[t.strip() for t in tags if t.strip()],
                        entity=self.entity or env("WANDB_ENTITY"))
-
-
-# a multi-process run's worker processes start from the command line again: they take the id their
-# launcher picked (set in the environment below), and only at import, so that later runs get new ids
-_LAUNCHER_RUN_ID = os.environ.pop("MINIGPT_RUN_ID", None)
 
 
 def wandb_mode(mode: str | None) -> str | None:
@@ -624,12 +617,14 @@ def wandb_mode(mode: str | None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of this code, with ``+dirty`` when tracked files have changed since; None outside git."""
+    """The commit of this code, with ``+dirty`` when tracked files have changed since; None outside
+    git."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, timeout=10,
+                              capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -640,9 +635,9 @@ class _KeepingWriter(ExperimentWriter):
 
 
 class RunCSVLogger(CSVLogger):
-    """Lightning's CSVLogger writing ``metrics.csv`` straight into a run folder. Resuming, it keeps the rows
-    up to the step it resumes from (Lightning's deletes the file) and drops the later ones, which the
-    resumed run logs again."""
+    """Lightning's CSVLogger writing ``metrics.csv`` straight into a run folder. Resuming, it keeps
+    the rows up to the step it resumes from (Lightning's deletes the file) and drops the later ones,
+    which the resumed run logs again."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         super().__init__(save_dir=run_dir.parent, name="", version=run_dir.name)
@@ -657,7 +652,8 @@ class RunCSVLogger(CSVLogger):
             if self.resume_step is not None and os.path.isfile(path):
                 with open(path, newline="") as f:
                     reader = csv.DictReader(f)
-                    rows = [row for row in reader if row["step"] and int(row["step"]) <= self.resume_step]
+                    rows = [row for row in reader
+                            if row["step"] and int(row["step"]) <= self.resume_step]
                 with open(path, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
                     writer.writeheader()
@@ -671,12 +667,12 @@ SUMMARY_METRICS = {"val/loss": "min", "val/ppl": "min", "val/bleu": "max", "val/
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Writes the resolved config into the run folder, as config.yaml (config-resume-N.yaml at the N-th
-    resume: nothing is overwritten), and logs it to every logger with the parameter count and the git commit,
-    so that runs can be filtered and grouped by any setting."""
+    """Writes the resolved config into the run folder, as config.yaml (config-resume-N.yaml at the
+    N-th resume: nothing is overwritten), and logs it to every logger with the parameter count, the
+    device and the git commit, so that runs can be filtered and grouped by any setting."""
 
     def save_config(self, trainer, pl_module, stage):
-        folder = Path(trainer.loggers[0].log_dir)  # the run's CSV logger; trainer.log_dir would wait for all ranks
+        folder = Path(trainer.loggers[0].log_dir)  # the CSV logger's (trainer.log_dir would wait)
         folder.mkdir(parents=True, exist_ok=True)
         path, n = folder / "config.yaml", 0
         while path.exists():
@@ -685,14 +681,19 @@ class SaveRunConfig(SaveConfigCallback):
         self.parser.save(self.config, str(path), skip_unset=False)
         config = json.loads(json.dumps(self.config.as_dict(), default=str))
         config["config_files"] = config.pop("config", None)
-        config.update(n_params=sum(p.numel() for p in pl_module.parameters()), git_commit=git_commit(),
-                      device=device_info(trainer.strategy.root_device.type).describe(),
+        device = device_info(trainer.strategy.root_device.type).describe()
+        config.update(n_params=sum(p.numel() for p in pl_module.parameters()),
+                      git_commit=git_commit(), device=device,
                       **{f"run_{key}": value for key, value in (pl_module.run_info or {}).items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:  # the runs table sorts on the best
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:  # the table sorts on best
                 for metric, best in SUMMARY_METRICS.items():
                     logger.experiment.define_metric(metric, summary=f"{best},last")
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI and main
 
 
 def accelerator_device(accelerator) -> DeviceInfo:
@@ -701,26 +702,42 @@ def accelerator_device(accelerator) -> DeviceInfo:
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer, whose ``precision`` also takes ``auto`` (the default): bf16-mixed where the
-    device computes in bf16, else 16-mixed on GPUs and 32-true on CPUs (``model.device.choose_precision``).
-    The CLI resolves ``auto`` before building the Trainer, so that the run's config holds the choice."""
+    """Lightning's Trainer, whose ``precision`` also takes ``auto`` (the default): bf16-mixed where
+    the device computes in bf16, else 16-mixed on GPUs and 32-true on CPUs
+    (``model.device.choose_precision``). The CLI resolves ``auto`` before building the Trainer, so
+    that the run's config holds the choice."""
 
-    def __init__(self, *args, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto", **kwargs):
+    def __init__(self, *args, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto",
+                 **kwargs):
         if precision == "auto":
             precision = choose_precision(accelerator_device(kwargs.get("accelerator", "auto")))
         super().__init__(*args, precision=precision, **kwargs)
 
 
-# Model options a resumed run may change: the attention path and compiling change how it computes, not
-# what. Any other model option that differs from the checkpoint's ends the start with a message.
+@dataclass(frozen=True)
+class Kind:
+    """What a model kind trains with: its LightningModule and data module, and what ``attn_impl:
+    auto`` needs to know: the data option that is also the model's longest sequence (linked to the
+    model option of the same name), and whether the model masks padded keys."""
+
+    module: type[TrainModule]
+    data: type[L.LightningDataModule]
+    seq_len: str
+    masks_padded_keys: bool
+
+
+KINDS = {"gpt": Kind(GPTLightningModule, LMDataModule, "block_size", masks_padded_keys=False),
+         "seq2seq": Kind(Seq2SeqLightningModule, TranslationDataModule, "max_len",
+                         masks_padded_keys=True)}
+
+# Model options a resumed run may change: the attention path and compiling change how it computes,
+# not what. Any other model option that differs from the checkpoint's ends the start with a message.
 RESUME_MAY_CHANGE = ("config.attn_impl", "compile")
-# options the data section sets for the model (CLI.add_arguments_to_parser links them)
-LINKED_FROM_DATA = {"config.block_size": "data.block_size", "config.max_len": "data.max_len"}
 
 
 def _flat(options: dict, prefix: str = "") -> dict:
-    """{"config": {"n_layer": 4}, "lr": 3e-3} -> {"config.n_layer": 4, "lr": 0.003}, with tuples as lists
-    (YAML's and a checkpoint's spellings of the same betas compare equal)."""
+    """{"config": {"n_layer": 4}, "lr": 3e-3} -> {"config.n_layer": 4, "lr": 0.003}, with tuples as
+    lists (YAML's and a checkpoint's spellings of the same betas compare equal)."""
     flat = {}
     for key, value in options.items():
         if isinstance(value, dict):
@@ -730,29 +747,31 @@ def _flat(options: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _resume_conflict_message(ckpt_path: str, conflicts: list[tuple[str, object, object]]) -> str:
-    settings = "; ".join(f"{LINKED_FROM_DATA.get(key, f'model.{key}')} is {ours} here but {theirs} in the checkpoint"
-                         for key, theirs, ours in conflicts)
-    run_config = Path(ckpt_path).parent.parent / "config.yaml"
-    how = (f"--config {run_config} (the run's own config)" if run_config.is_file()
-           else "the options the run was started with")
-    return (f"--ckpt_path {ckpt_path} resumes a run with other settings: {settings}. A resumed run keeps its "
-            f"model and training options: resume with {how}, or start a new run without --ckpt_path to train "
-            f"with the new ones")
-
-
 class CLI(LightningCLI):
-    """The options both kinds share: the run folder and wandb (``run``, see RunConfig), checkpoints (best by
-    val/loss, and last), the learning rate and throughput monitors, and ``kind`` (read by ``main`` to pick
-    the classes). Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones. Subclasses
-    say what ``attn_impl: auto`` needs to know: the option holding the longest sequence attended over
-    (``seq_len_option``) and whether the model masks padded keys (``masks_padded_keys``)."""
+    """LightningCLI for one kind of ``KINDS``, with what both share: the run folder and wandb
+    (``run``, see RunConfig), checkpoints (best by val/loss, and last), the learning rate and
+    throughput monitors, ``auto`` precision and attention path, and resuming a run from its
+    checkpoint. Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones.
 
-    seq_len_option: str
-    masks_padded_keys: bool
+    Args:
+        launcher_run_id: the run id of a multi-process run, which its launcher passes to the
+            worker processes in $MINIGPT_RUN_ID (they start from the command line again).
+    """
+
+    def __init__(self, *args, launcher_run_id: str | None = None, **kwargs):
+        self.launcher_run_id = launcher_run_id
+        super().__init__(*args, **kwargs)
+
+    @property
+    def kind(self) -> Kind:
+        return KINDS[self._model_class.kind]
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(KINDS), default="gpt", help="the model to train")
+        # the data decides the longest sequence and the vocabulary; the model follows
+        seq_len = self.kind.seq_len
+        parser.link_arguments(f"data.{seq_len}", f"model.config.{seq_len}")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(RunConfig, "run")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
@@ -762,8 +781,9 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
 
     def before_instantiate_classes(self):
-        """Resolve ``auto`` precision and attention path from what the device can do (model/device.py),
-        in the config itself: the run's config.yaml and wandb config hold the choice, not ``auto``."""
+        """Resolve ``auto`` precision and attention path from what the device can do
+        (model/device.py), in the config itself: the run's config.yaml and wandb config hold the
+        choice, not ``auto``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, model_config = config.trainer, config.model.config
         info = accelerator_device(trainer.accelerator)
@@ -774,21 +794,79 @@ class CLI(LightningCLI):
         elif (warning := slow_precision_warning(info, trainer.precision)) is not None:
             rank_zero_info(f"Warning: {warning}")
         if model_config.attn_impl == "auto":
-            model_config.attn_impl = choose_attn_impl(info, str(trainer.precision),
-                                                      seq_len=config[self.seq_len_option],
-                                                      key_mask=self.masks_padded_keys)
+            model_config.attn_impl = choose_attn_impl(
+                info, str(trainer.precision), seq_len=config.data[self.kind.seq_len],
+                key_mask=self.kind.masks_padded_keys)
             resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
-        rank_zero_info(f"Device: {info.describe()}" + (f"; {', '.join(resolved)}" if resolved else ""))
+        rank_zero_info(f"Device: {info.describe()}" + "".join(f"; {', '.join(resolved)}"
+                                                              for _ in resolved[:1]))
+
+    # Resuming a run: ``--ckpt_path`` names a checkpoint. Its run continues in the same folder, CSV
+    # and wandb run, with the same model and training options. The checkpoint is read once, before
+    # anything is built (_parse_ckpt_path): a missing or foreign file, or options that differ from
+    # the run's, end the start with a message. instantiate_trainer then finds the run's folder.
+
+    def _parse_ckpt_path(self):
+        """Lightning's (it applies the checkpoint's model hyperparameters to the config), after the
+        checks above. The checkpoint is kept for instantiate_trainer."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in ("last", "best", "hpc", "registry"):
+            raise ValueError(f"--ckpt_path {ckpt_path}: give the checkpoint's path, e.g. "
+                             f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own "
+                             f"folder, where Lightning's {ckpt_path!r} would find nothing and "
+                             f"train from scratch")
+        self._checkpoint = None
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.kind.module.kind)
+        model = self.config[subcommand].model
+        ours = _flat(model.as_dict())
+        theirs = _flat(self._checkpoint["hyper_parameters"])
+        conflicts = [(key, value, ours[key]) for key, value in theirs.items()
+                     if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
+                     and ours[key] != value]
+        if conflicts:
+            raise ValueError(self._resume_conflict_message(ckpt_path, conflicts))
+        super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
+        for key in RESUME_MAY_CHANGE:  # ... but these are how the run computes: the command's win
+            if key in ours:
+                self.config[subcommand].model[key] = ours[key]
+
+    def _resume_conflict_message(self, ckpt_path: str, conflicts: list[tuple[str, object, object]]
+                                 ) -> str:
+        seq_len = self.kind.seq_len  # set through the data option, which is what to name
+        option = {f"config.{seq_len}": f"data.{seq_len}"}
+        settings = "; ".join(f"{option.get(key, f'model.{key}')} is {ours} here but {theirs} in "
+                             f"the checkpoint" for key, theirs, ours in conflicts)
+        run_config = Path(ckpt_path).parent.parent / "config.yaml"
+        how = (f"--config {run_config} (the run's own config)" if run_config.is_file()
+               else "the options the run was started with")
+        return (f"--ckpt_path {ckpt_path} resumes a run with other settings: {settings}. A resumed "
+                f"run keeps its model and training options: resume with {how}, or start a new run "
+                f"without --ckpt_path to train with the new ones")
+
+    def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
+        """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its
+        step; None to start a new run."""
+        info = self._checkpoint.get("run") if ckpt_path else None
+        if info is None:  # no checkpoint, or one written outside a run folder
+            return None
+        if Path(ckpt_path).parent.name == "checkpoints":  # the run's folder, wherever it now is
+            info = {**info, "dir": str(Path(ckpt_path).parent.parent)}
+        return info, self._checkpoint["global_step"]
 
     def instantiate_trainer(self, **kwargs):
-        """The Trainer, logging into the run's folder: a new one, or that of the run a fit resumes."""
+        """The Trainer, logging into the run's folder: a new one, or that of the run a fit
+        resumes."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         files = config.get("config") or []
         stem = Path(str(files[-1])).stem if files else self.model.kind
         run: RunConfig = config.run.with_environment(stem)
         name = run.name or (f"{stem}-{self.model.shape}-{self.model.model.config.attn_impl}-"
                             f"{config.trainer.get('precision') or '32'}")
-        run_id = run.id or _LAUNCHER_RUN_ID or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        run_id = (run.id or self.launcher_run_id
+                  or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
         run_dir = Path(run.save_dir) / run.project / (re.sub(r"[^\w.+-]", "_", name) + f"-{run_id}")
         resumed = self._resumed_run(config.get("ckpt_path")) if self.subcommand == "fit" else None
         if resumed:
@@ -796,93 +874,54 @@ class CLI(LightningCLI):
         if self._checkpoint is not None and "tokenizer" in self._checkpoint:
             ours = getattr(self.datamodule, "tokenizer", None)
             if ours is not None and ours.to_dict() != self._checkpoint["tokenizer"]:
-                raise ValueError(f"{config.ckpt_path} was trained with another vocabulary than this data's "
-                                 f"tokenizer ({ours.vocab_size} tokens): use it with the data and --data.tokenizer "
-                                 f"it was trained with")
-        elif run_dir.exists() and not _LAUNCHER_RUN_ID:
-            raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, or resume that run "
-                             f"with --ckpt_path {run_dir}/checkpoints/last.ckpt")
+                raise ValueError(f"{config.ckpt_path} was trained with another vocabulary than "
+                                 f"this data's tokenizer ({ours.vocab_size} tokens): use it with "
+                                 f"the data and --data.tokenizer it was trained with")
+        elif run_dir.exists() and not self.launcher_run_id:
+            raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, "
+                             f"or resume that run with --ckpt_path {run_dir}/checkpoints/last.ckpt")
         os.environ["MINIGPT_RUN_ID"] = run_id  # for the worker processes of a multi-process run
-        # the folder itself is made when training sets up (SaveRunConfig), so that bad input leaves none
+        # the folder itself is made when training sets up (SaveRunConfig), so that bad input
+        # leaves none behind
         self.run_dir, self.resumed = run_dir, resumed is not None
         self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
         checkpoint = config.get("checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")
-        extra = config.trainer.get("logger")
-        extra = [] if extra is None or isinstance(extra, bool) else extra if isinstance(extra, list) else [extra]
         loggers = [RunCSVLogger(run_dir, resume_step=resumed[1] if resumed else None),
                    WandbLogger(name=name, project=run.project, id=run_id, save_dir=str(run_dir),
                                group=run.group, tags=run.tags, notes=run.notes, entity=run.entity,
                                mode=wandb_mode(run.mode), job_type=self.subcommand or "fit"),
-                   *extra]
-        rank_zero_info(f"Run {name}, id {run_id}: {run_dir}" + (f" (resumed at step {resumed[1]})" if resumed else ""))
-        plugins = config.trainer.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+                   *_as_list(config.trainer.get("logger"))]
+        rank_zero_info(f"Run {name}, id {run_id}: {run_dir}"
+                       + (f" (resumed at step {resumed[1]})" if resumed else ""))
+        plugins = _as_list(config.trainer.get("plugins"))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        callbacks = config.trainer.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        callbacks = _as_list(config.trainer.get("callbacks"))
         if config.trainer.get("enable_progress_bar") is not False and \
                 not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            # the bar redraws when the loggers write, not at every step: on the CPU config a redraw per
-            # step cost 1.1 ms of a 69 ms step (docs/speed.md)
+            # the bar redraws when the loggers write, not at every step: on the CPU config a
+            # redraw per step cost 1.1 ms of a 69 ms step (docs/speed.md)
             callbacks.append(TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
         return super().instantiate_trainer(**{**kwargs, "logger": loggers, "plugins": plugins,
                                               "callbacks": callbacks})
 
-    def _parse_ckpt_path(self):
-        """Lightning's (it applies the checkpoint's model hyperparameters to the config), after a check that
-        turns a missing, truncated or foreign checkpoint into a clear error. The checkpoint is kept for
-        instantiate_trainer."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path in ("last", "best", "hpc", "registry"):
-            raise ValueError(f"--ckpt_path {ckpt_path}: give the checkpoint's path, e.g. "
-                             f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own folder, where "
-                             f"Lightning's {ckpt_path!r} would find nothing and train from scratch")
-        self._checkpoint = _read_checkpoint(ckpt_path, "cpu", self._model_class.kind) if ckpt_path else None
-        if self._checkpoint is None:
-            return super()._parse_ckpt_path()
-        model = self.config[subcommand].model
-        ours = _flat(model.as_dict())
-        conflicts = [(key, value, ours[key]) for key, value in _flat(self._checkpoint["hyper_parameters"]).items()
-                     if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
-                     and ours[key] != value]
-        if conflicts:
-            raise ValueError(_resume_conflict_message(ckpt_path, conflicts))
-        super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
-        for key in RESUME_MAY_CHANGE:  # ... but these are how the run computes, not what: the command's win
-            if key in ours:
-                self.config[subcommand].model[key] = ours[key]
-
-    def _resumed_run(self, ckpt_path: str | None) -> tuple[dict, int] | None:
-        """The id, name and folder of the run that wrote the checkpoint a fit resumes from, and its step;
-        None to start a new run."""
-        if not ckpt_path:
-            return None
-        ckpt = self._checkpoint
-        info = ckpt.get("run")
-        if info is None:
-            return None
-        if Path(ckpt_path).parent.name == "checkpoints":  # the run's folder, wherever it has been moved to
-            info = {**info, "dir": str(Path(ckpt_path).parent.parent)}
-        return info, ckpt["global_step"]
-
     def _run_subcommand(self, subcommand):
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:  # interrupted, or failed: close the wandb run as failed (a resume reopens it)
-            self.finish_run(exit_code=1)
+        except BaseException:  # interrupted, or failed: close the wandb run as failed
+            self.finish_run(exit_code=1)  # (a resume reopens it)
             if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                shutil.rmtree(self.run_dir, ignore_errors=True)  # a start that failed: no folder left behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed start leaves no folder
             raise
 
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
-            rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} (val/loss {ckpt.best_model_score:.4f})")
-        self.report()
+            rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} "
+                           f"(val/loss {ckpt.best_model_score:.4f})")
+        self.model.evaluate_after_fit()
         self.finish_run()
 
     def after_validate(self):
@@ -891,70 +930,36 @@ class CLI(LightningCLI):
     def after_test(self):
         self.finish_run()
 
-    def report(self):
-        """What a kind prints and logs once training has ended."""
-
     def finish_run(self, exit_code: int = 0):
         """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
         os.environ.pop("MINIGPT_RUN_ID", None)
         for logger in self.trainer.loggers:
-            started = getattr(logger, "_experiment", True) is not None  # never start a run only to end it
+            started = getattr(logger, "_experiment", True) is not None  # never start one to end it
             if started:
                 logger.save()
             if started and isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
                 logger.experiment.finish(exit_code=exit_code)
 
 
-class GPTCLI(CLI):
-    seq_len_option, masks_padded_keys = "data.block_size", False
-
-    def add_arguments_to_parser(self, parser):
-        super().add_arguments_to_parser(parser)
-        # the data decides the context length and the vocabulary; the model follows
-        parser.link_arguments("data.block_size", "model.config.block_size")
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
-
-
-class Seq2SeqCLI(CLI):
-    seq_len_option, masks_padded_keys = "data.max_len", True
-
-    def add_arguments_to_parser(self, parser):
-        super().add_arguments_to_parser(parser)
-        parser.link_arguments("data.max_len", "model.config.max_len")
-        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
-
-    def report(self):
-        module = self.model
-        if not self.trainer.is_global_zero or self.trainer.interrupted or module.tokenizer is None:
-            return
-        module.eval()  # the final weights (the EMA's, with that callback)
-        hp = module.hparams
-        if hp.tune_length_penalty:
-            hp.length_penalty = module.best_length_penalty()
-        scores, _ = module.evaluate_bleu(hp.beam_size)
-        rank_zero_info(f"Final val sacreBLEU (beam {hp.beam_size}, length penalty {hp.length_penalty}): "
-                       f"{scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} lowercase ({bleu_signature()}). "
-                       f"scripts/translate.py: "
-                       f"--beam {hp.beam_size} --length-penalty {hp.length_penalty}")
-        metrics = {**scores, "length_penalty": hp.length_penalty}
-        for logger in self.trainer.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=self.trainer.global_step)
-
-
-KINDS = {"gpt": (GPTCLI, GPTLightningModule, LMDataModule),
-         "seq2seq": (Seq2SeqCLI, Seq2SeqLightningModule, TranslationDataModule)}
+def _as_list(value) -> list:
+    """A Trainer option that takes one object or a list of them (None, or a bool, is none)."""
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def model_kind(args: list[str]) -> str:
-    """The ``kind`` the command line asks for: ``--kind K``, else the last ``--config`` file that sets one."""
+    """The ``kind`` the command line asks for, read before the CLI is built (the kind picks its
+    classes): ``--kind K``, else the last ``--config`` file that sets one, else ``gpt``."""
     kind = "gpt"
     for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
-        if arg.split("=", 1)[0] == "--config" and value and Path(value).is_file():
+        flag, _, value = arg.partition("=")
+        value = value or (args[i + 1] if i + 1 < len(args) else "")
+        if flag == "--config" and Path(value).is_file():
             with open(value) as f:
                 config = yaml.safe_load(f)
             kind = config.get("kind", kind) if isinstance(config, dict) else kind
-        elif arg.split("=", 1)[0] == "--kind" and value:
+        elif flag == "--kind" and value:
             kind = value
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -971,32 +976,29 @@ TRAINER_DEFAULTS = {
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> CLI:
-    """train.py's CLI for ``args`` (default: the command line). ``run=False`` builds the model, data module
-    and Trainer without training (``args`` then has no ``fit``), as scripts/bench_train.py does."""
-    cli_class, module, data = KINDS[model_kind(sys.argv[1:] if args is None else args)]
-    return cli_class(module, data, trainer_class=Trainer, seed_everything_default=1337, run=run,
-                     trainer_defaults=TRAINER_DEFAULTS, args=args, save_config_callback=SaveRunConfig,
-                     save_config_kwargs={"save_to_log_dir": False})
+    """train.py's CLI for ``args`` (default: the command line). ``run=False`` builds the model, data
+    module and Trainer without training (``args`` then has no ``fit``), as scripts/bench_train.py
+    does."""
+    kind = KINDS[model_kind(sys.argv[1:] if args is None else args)]
+    return CLI(kind.module, kind.data, trainer_class=Trainer, seed_everything_default=1337, run=run,
+               trainer_defaults=TRAINER_DEFAULTS, args=args, save_config_callback=SaveRunConfig,
+               save_config_kwargs={"save_to_log_dir": False},
+               launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None))
 
 
-def main(args=None):
+def main(args: list[str] | None = None) -> CLI:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     return make_cli(args)
 
 
-def cli(args=None) -> int:
-    """``main`` as a command: bad input, Ctrl-C and SIGTERM end in a message and an exit status, not a traceback."""
+def cli(args: list[str] | None = None) -> int:
+    """``main`` as a command: bad input ends in one line (scripts/_common.py), Ctrl-C and SIGTERM in
+    a message and the exit status of a signalled process, after saving a checkpoint."""
     try:
-        main(args)
-    except Interrupted as e:  # a checkpoint was saved: exit as a signalled process does
+        return exit_code(lambda: main(args))
+    except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix
-        if os.environ.get("MINIGPT_TRACEBACK"):
-            raise
-        print(f"error: {e}\n(set MINIGPT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Tokenizers, tokenized corpora and Lightning data modules."""
+"""Text in, token batches out. Import the module you need; only the last two import Lightning.
 
-from .corpus import DataSourceError, TokenizedCorpus, prepare_corpus
-from .lm import LMDataModule
-from .tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
-
-__all__ = ["CharTokenizer", "DataSourceError", "GPT2Tokenizer", "LMDataModule", "TokenizedCorpus",
-           "prepare_corpus", "tokenizer_from_dict"]
+* ``tokenizers``: characters, GPT-2 BPE (tiktoken) and a trained BPE, with one small interface;
+* ``corpus``: a text source tokenized once into flat arrays of token ids in a cache;
+* ``batching``: batches of similar length under a token budget;
+* ``lm``: ``LMDataModule``, windows of a corpus for a language model;
+* ``translation``: ``TranslationDataModule``, parallel text for the seq2seq model.
+"""

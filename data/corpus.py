@@ -28,13 +28,13 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
 
 from .tokenizers import CharTokenizer, GPT2Tokenizer, check_tokenizer_name, tokenizer_from_dict
 
@@ -67,6 +67,11 @@ class TokenizedCorpus:
         return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
 
 
+def _report(message: str) -> None:
+    """A line on the console about work that takes a while (on stderr: stdout is the scripts' output)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("MINIGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "minigpt"
     return Path(root).expanduser() / "tokens"
@@ -91,7 +96,7 @@ def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "
             raw, join_lines = load_local(files), FORMATS[_suffix(files[0])] == "text"
         else:
             raw, join_lines = load_hub(source), False
-        rank_zero_info(f"Tokenizing {source!r} with the {tokenizer} tokenizer into {folder}")
+        _report(f"Tokenizing {source!r} with the {tokenizer} tokenizer into {folder}")
         _write_corpus(raw, tokenizer, text_column, val_fraction, join_lines, folder, num_proc)
     meta = json.loads((folder / "meta.json").read_text())
     return TokenizedCorpus(folder, tokenizer_from_dict(meta["tokenizer"]), meta["dtype"], meta["num_tokens"])
@@ -152,7 +157,7 @@ def load_local(files: list[Path]):
     else:
         ignored = [f.name for f in files if _split_of(f) is None]
         if ignored:
-            rank_zero_info(f"Using the train*/val* files as splits; ignoring {ignored}")
+            _report(f"Using the train*/val* files as splits; ignoring {ignored}")
     if all(f.stat().st_size == 0 for f in files):
         raise DataSourceError(f"{[str(f) for f in files][:3]} {'is' if len(files) == 1 else 'are'} empty: "
                               f"there is no text to train on")

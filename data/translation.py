@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
+from .batching import token_batches
 from .corpus import HUB_ID, DataSourceError, load_hub
 from .lm import batches_trained
 from .tokenizers import BPETokenizer
@@ -113,21 +114,6 @@ def _columns(ds, src_lang: str, tgt_lang: str, source: str) -> tuple[list[str], 
         raise DataSourceError(f"{source} has no {missing} column (it has {ds.column_names}); set "
                               f"--data.src_lang and --data.tgt_lang to its language keys")
     return ds[src_lang], ds[tgt_lang]
-
-
-def token_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length, each at most ``max_tokens`` once padded
-    (rows x longest row). With ``rng``: ties in length broken at random and the batches shuffled."""
-    tiebreak = rng.random(len(lengths)) if rng is not None else np.arange(len(lengths))
-    order = np.lexsort((tiebreak, lengths))
-    batches, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or (end + 1 - start) * lengths[order[end]] > max_tokens:
-            batches.append(order[start:end])
-            start = end
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
 
 
 class PairBatches(IterableDataset):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import torch
 
 from model import ATTENTION_KERNELS
+from scripts._common import add_device_argument, exit_code, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=5)
@@ -165,6 +166,7 @@ def plot(results, paths, path_png: str, title: str):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measure_memory:  # child process: one memory measurement, printed last
@@ -195,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from model import ATTENTION_KERNELS, GPT, GPTConfig
+from model.checkpoint import load_gpt_checkpoint
 from model.device import choose_attn_impl, device_info
-from train import load_gpt_checkpoint
+from scripts._common import add_device_argument, exit_code, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,9 +66,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=500)
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (rows generated together)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
+    args.device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
@@ -89,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -30,6 +30,7 @@ import lightning as L
 import torch
 
 from model.device import device_info
+from scripts._common import add_device_argument, exit_code, pick_device
 from train import make_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def parse_args(argv):
                    help="training text, as --data.source (default: the config's)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help="ATTN_IMPL:PRECISION[:compile] ...")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=20,
                    help="untimed steps first (compilation happens here)")
@@ -137,6 +138,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark's runs stay here, quietly
@@ -172,4 +174,4 @@ def main(argv=None):
               f"{ms / fastest:.2f}x |")
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

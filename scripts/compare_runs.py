@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+
 import yaml
+
+from scripts._common import UsageError, exit_code
 
 IGNORED = {"run_dir", "run_id", "run_name", "run.id", "run.name", "ckpt_path"}  # differ between any two runs
 FINAL = ["final/bleu", "final/bleu_lc"]  # seq2seq: the beam-search BLEU at the end of training
-
-
-class CompareError(Exception):
-    """Bad input to this script, with a message that says what to do."""
 
 
 @dataclass
@@ -91,7 +91,7 @@ def wandb_records(path: Path):
 
     data, block = path.read_bytes(), 32768
     if data[:4] != b":W&B":
-        raise CompareError(f"{path} is not a wandb run file")
+        raise UsageError(f"{path} is not a wandb run file")
     pos, record = 7, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
@@ -118,7 +118,7 @@ def read_wandb_offline(path: Path) -> Run:
     """An offline wandb run: its folder (offline-run-*) or its .wandb file."""
     files = [path] if path.is_file() else sorted(path.glob("*.wandb"))
     if not files:
-        raise CompareError(f"{path} has no .wandb file")
+        raise UsageError(f"{path} has no .wandb file")
     config, name, rows = {}, path.name, []
     for record in wandb_records(files[0]):
         kind = record.WhichOneof("record_type")
@@ -158,18 +158,18 @@ def read_wandb_project(path: str, filters: dict | None, limit: int) -> list[Run]
             runs.append(_run_from_rows(remote.name, config, list(remote.scan_history())))
         return runs
     except (wandb.errors.UsageError, wandb.errors.CommError, ValueError) as e:
-        raise CompareError(f"cannot read wandb project {path!r}: {e}. Log in with `wandb login` (and check the "
+        raise UsageError(f"cannot read wandb project {path!r}: {e}. Log in with `wandb login` (and check the "
                            f"entity/project), or compare the local run folders instead") from None
 
 
-class NoMetrics(CompareError):
+class NoMetrics(UsageError):
     """A folder with no metrics in it (a run that stopped before it logged anything): skipped."""
 
 
 def load(path_text: str) -> Run:
     path = Path(path_text)
     if not path.exists():
-        raise CompareError(f"{path} does not exist: give run folders (runs/<project>/<run>), metrics.csv files or "
+        raise UsageError(f"{path} does not exist: give run folders (runs/<project>/<run>), metrics.csv files or "
                            f"offline wandb runs")
     if (path / "metrics.csv").is_file() or path.name == "metrics.csv":
         return read_csv_run(path)
@@ -264,11 +264,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not args.runs and not args.wandb:
-        raise CompareError("give run folders to compare (e.g. runs/mini-gpt/*), or --wandb ENTITY/PROJECT")
+        raise UsageError("give run folders to compare (e.g. runs/mini-gpt/*), or --wandb ENTITY/PROJECT")
     try:
         filters = json.loads(args.filters) if args.filters else None
     except json.JSONDecodeError as e:
-        raise CompareError(f"--filters is not JSON: {e}") from None
+        raise UsageError(f"--filters is not JSON: {e}") from None
     runs = []
     for path in args.runs:
         try:
@@ -276,17 +276,17 @@ def main(argv=None):
         except NoMetrics as e:  # a glob over runs/<project>/* may catch a run that never logged
             print(f"skipping {e}", file=sys.stderr)
     if args.runs and not runs and not args.wandb:
-        raise CompareError("none of the folders holds metrics: give run folders that train.py wrote")
+        raise UsageError("none of the folders holds metrics: give run folders that train.py wrote")
     if args.wandb:
         runs += read_wandb_project(args.wandb, filters, args.limit)
     if not runs:
-        raise CompareError(f"no runs found in wandb project {args.wandb!r} with these filters")
+        raise UsageError(f"no runs found in wandb project {args.wandb!r} with these filters")
     names = [run.name for run in runs]
     for i, run in enumerate(runs):  # runs of one config share a default name: tell them apart by id
         if names.count(run.name) > 1:
             run.name = f"{run.name} ({run.config.get('run_id') or i + 1})"
     if not any(args.metric in run.history for run in runs):
-        raise CompareError(f"no run logged {args.metric!r}; logged: "
+        raise UsageError(f"no run logged {args.metric!r}; logged: "
                            f"{', '.join(sorted({k for run in runs for k in run.history}))}")
     print(table(runs, args.metric, args.all_settings))
     plot(runs, args.metric, args.plot)
@@ -294,7 +294,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CompareError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(exit_code(main))

@@ -24,11 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import torch
 
 from model import beam_search, capture_attention, greedy_search
-from train import load_checkpoint
-
-
-class PlotError(Exception):
-    """Bad input to this script, with a message that says what to do."""
+from model.checkpoint import load_checkpoint
+from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -40,7 +37,7 @@ def gpt_maps(model, tokenizer, text: str) -> tuple[list[torch.Tensor], list[str]
     """Per layer (nh, T, T) weights of the causal self-attention over ``text``, and the token labels."""
     ids = tokenizer.encode(text)[-model.config.block_size:]
     if not ids:
-        raise PlotError("--text is empty: give a prompt to look at")
+        raise UsageError("--text is empty: give a prompt to look at")
     with torch.no_grad(), capture_attention(model) as weights:
         model(torch.tensor([ids], device=next(model.parameters()).device))
     layers = [weights[f"blocks.{i}.attn"][0] for i in range(model.config.n_layer)]
@@ -54,7 +51,7 @@ def seq2seq_maps(model, tokenizer, text: str, attention: str, beam: int):
     config, device = model.config, next(model.parameters()).device
     src_ids = tokenizer.encode(text)
     if not src_ids or len(src_ids) > config.max_len:
-        raise PlotError(f"--text must be 1 to {config.max_len} tokens long, got {len(src_ids)}")
+        raise UsageError(f"--text must be 1 to {config.max_len} tokens long, got {len(src_ids)}")
     src = torch.tensor([src_ids], device=device)
     with torch.no_grad():
         hyp = (greedy_search(model, src) if beam == 1 else beam_search(model, src, beam))[0]
@@ -72,11 +69,11 @@ def select(layers: list[torch.Tensor], layer: int | None, head: int | None, aver
     """(title, (rows, cols) map) pairs: one head across layers, the mean of a layer's heads, or its heads."""
     n_layer, n_head = len(layers), layers[0].size(0)
     if layer is not None and not -n_layer <= layer < n_layer:
-        raise PlotError(f"--layer {layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
+        raise UsageError(f"--layer {layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
     if head is not None and not 0 <= head < n_head:
-        raise PlotError(f"--head {head}: the model has {n_head} heads (0 to {n_head - 1})")
+        raise UsageError(f"--head {head}: the model has {n_head} heads (0 to {n_head - 1})")
     if head is not None and (layer is not None or average):
-        raise PlotError("--head shows one head in every layer; leave out --layer and --average")
+        raise UsageError("--head shows one head in every layer; leave out --layer and --average")
     if head is not None:
         return [(f"layer {i}, head {head}", w[head]) for i, w in enumerate(layers)]
     index = n_layer - 1 if layer is None else layer % n_layer
@@ -120,18 +117,15 @@ def parse_args(argv=None):
                    help="seq2seq: the decoder's cross-attention (default) or its causal self-attention")
     p.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the translation (1 = greedy)")
     p.add_argument("--out", default="attention.png", help="where to write the PNG")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.beam < 1:
-        raise PlotError("--beam must be at least 1")
-    try:
-        model, tokenizer, kind = load_checkpoint(args.ckpt, args.device)
-    except ValueError as e:
-        raise PlotError(str(e)) from None
+        raise UsageError("--beam must be at least 1")
+    model, tokenizer, kind = load_checkpoint(args.ckpt, pick_device(args.device))
     if kind == "gpt":
         layers, rows, cols = gpt_maps(model, tokenizer, args.text)
         title = "causal self-attention (rows: queries, columns: keys)"
@@ -145,7 +139,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PlotError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(exit_code(main))

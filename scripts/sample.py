@@ -18,12 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import torch
 
+from model.checkpoint import load_gpt_checkpoint
 from model.sampling import check_sampling_args
-from train import load_gpt_checkpoint
-
-
-class SampleError(Exception):
-    """Bad input to this script, with a message that says what to do."""
+from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
 
 def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
@@ -32,9 +29,9 @@ def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as e:
-        raise SampleError(f"the prompt cannot be encoded: {e}") from None
+        raise UsageError(f"the prompt cannot be encoded: {e}") from None
     if len(ids) > block_size:
-        raise SampleError(f"the prompt is {len(ids)} tokens long; this model reads at most {block_size} "
+        raise UsageError(f"the prompt is {len(ids)} tokens long; this model reads at most {block_size} "
                           f"(its block_size). Shorten the prompt.")
     return ids
 
@@ -74,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_device_argument(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
     return p.parse_args(argv)
@@ -82,24 +79,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--device cuda: no CUDA device here; use --device cpu")
+    args.device = pick_device(args.device)
     if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise SampleError("--num-samples must be at least 1 and --max-new-tokens at least 0")
+        raise UsageError("--num-samples must be at least 1 and --max-new-tokens at least 0")
     prompt = args.prompt
     if args.prompt_file:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"cannot read the prompt file: {e}") from None
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        raise SampleError(str(e)) from None
-    try:
-        model, tokenizer = load_gpt_checkpoint(args.ckpt, args.device)
-    except ValueError as e:
-        raise SampleError(str(e)) from None
+            raise UsageError(f"cannot read the prompt file: {e}") from None
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    model, tokenizer = load_gpt_checkpoint(args.ckpt, args.device)
     ids = prompt_ids(tokenizer, prompt, model.config.block_size)
     head = tokenizer.decode(ids) if prompt else ""
     for i in range(args.num_samples):  # one at a time, with seed + i: the same text streamed or not
@@ -113,7 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SampleError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(exit_code(main))

@@ -18,13 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
-import torch
-
-from train import bleu, bleu_signature, load_seq2seq_checkpoint, translate
-
-
-class TranslateError(Exception):
-    """Bad input to this script, with a message that says what to do."""
+from model.checkpoint import load_seq2seq_checkpoint
+from model.translate import bleu, bleu_signature, translate
+from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
 
 def read_lines(path: str) -> list[str]:
@@ -32,7 +28,7 @@ def read_lines(path: str) -> list[str]:
         with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
             return [line.rstrip("\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
-        raise TranslateError(f"cannot read {path}: {e}") from None
+        raise UsageError(f"cannot read {path}: {e}") from None
 
 
 def parse_args(argv=None):
@@ -47,27 +43,23 @@ def parse_args(argv=None):
     p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="alpha of GNMT's length penalty")
     p.add_argument("--max-tokens", type=int, default=4000, help="source tokens per batch (x beam in the decoder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.beam < 1 or args.max_tokens < 1:
-        raise TranslateError("--beam and --max-tokens must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TranslateError("--device cuda: no CUDA device here; use --device cpu")
+        raise UsageError("--beam and --max-tokens must be at least 1")
+    args.device = pick_device(args.device)
     if args.output and not args.eval:
-        raise TranslateError("--output goes with --eval; otherwise redirect the standard output")
-    try:
-        model, tokenizer = load_seq2seq_checkpoint(args.ckpt, args.device)
-    except ValueError as e:
-        raise TranslateError(str(e)) from None
+        raise UsageError("--output goes with --eval; otherwise redirect the standard output")
+    model, tokenizer = load_seq2seq_checkpoint(args.ckpt, args.device)
 
     if args.eval:
         sources, references = map(read_lines, args.eval)
         if len(sources) != len(references):
-            raise TranslateError(f"{args.eval[0]} has {len(sources)} lines but {args.eval[1]} has "
+            raise UsageError(f"{args.eval[0]} has {len(sources)} lines but {args.eval[1]} has "
                                  f"{len(references)}: the files must be aligned line by line")
     elif args.text is not None:
         sources = [args.text]
@@ -75,10 +67,7 @@ def main(argv=None):
         sources = read_lines(args.file) if args.file else [line.rstrip("\n") for line in sys.stdin]
 
     start = time.perf_counter()
-    try:
-        hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty, args.max_tokens)
-    except ValueError as e:
-        raise TranslateError(str(e)) from None
+    hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty, args.max_tokens)
     seconds = time.perf_counter() - start
 
     if not args.eval:
@@ -94,7 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except TranslateError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(exit_code(main))

@@ -1,15 +1,11 @@
 """capture_attention (the weights of every attention module of a model, from one forward pass) and
 scripts/plot_attention.py."""
 
-import importlib.util
-from dataclasses import asdict
-
 import pytest
 import torch
-from conftest import REPO
 
-from data.tokenizers import BPETokenizer, CharTokenizer
 from model import GPT, GPTConfig, MultiHeadAttention, Seq2SeqConfig, Seq2SeqTransformer, capture_attention
+from scripts import plot_attention
 
 
 def test_gpt_weights_are_causal_rows_sum_to_one_and_capturing_changes_no_output():
@@ -49,41 +45,14 @@ def test_seq2seq_cross_attention_gives_padded_source_positions_no_weight():
 
 # ------------------------------------------------------------------ scripts/plot_attention.py
 
-spec = importlib.util.spec_from_file_location("plot_attention", REPO / "scripts" / "plot_attention.py")
-plot_attention = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plot_attention)
-
-
-def save_checkpoint(path, model, tokenizer, kind: str):
-    """What train.py's checkpoints hold for loading: the config, the weights, the tokenizer, the kind."""
-    torch.save({"hyper_parameters": {"config": asdict(model.config)}, "model_kind": kind,
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "tokenizer": tokenizer.to_dict()}, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    chars = CharTokenizer.from_texts(["To be, or not to be: that is the question.\n"])
-    gpt = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16))
-    words = ["ein hund rennt im schnee", "a dog runs in the snow"] * 20
-    bpe = BPETokenizer.train(words, 60)
-    s2s = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=bpe.vocab_size, max_len=16, n_encoder_layer=2,
-                                           n_decoder_layer=3, n_head=2, n_embd=16, mlp_hidden=32))
-    return {"gpt": save_checkpoint(folder / "gpt.ckpt", gpt, chars, "gpt"),
-            "seq2seq": save_checkpoint(folder / "s2s.ckpt", s2s, bpe, "seq2seq")}
-
-
 @pytest.mark.parametrize("kind,extra", [
     ("gpt", []), ("gpt", ["--head", "1"]), ("gpt", ["--layer", "0", "--average"]),
     ("seq2seq", ["--beam", "2"]), ("seq2seq", ["--attention", "self", "--beam", "1", "--layer", "-1"]),
 ])
 def test_the_script_writes_a_png_of_the_attention_maps(checkpoints, tmp_path, kind, extra):
     out = tmp_path / "maps.png"
-    text = "to be or not" if kind == "gpt" else "ein hund rennt"
-    plot_attention.main(["--ckpt", checkpoints[kind], "--text", text, "--out", str(out), *extra])
+    text = "The cat" if kind == "gpt" else "the cat sat on a mat"
+    plot_attention.main(["--ckpt", str(checkpoints[kind]), "--text", text, "--out", str(out), *extra])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5_000
 
 
@@ -94,8 +63,8 @@ def test_the_script_writes_a_png_of_the_attention_maps(checkpoints, tmp_path, ki
     (["--text", ""], "--text is empty"),
 ])
 def test_the_script_bad_input(checkpoints, tmp_path, extra, message):
-    argv = ["--ckpt", checkpoints["gpt"], "--text", "to be", "--out", str(tmp_path / "x.png"), *extra]
-    with pytest.raises(plot_attention.PlotError, match=message):
+    argv = ["--ckpt", str(checkpoints["gpt"]), "--text", "The", "--out", str(tmp_path / "x.png"), *extra]
+    with pytest.raises(ValueError, match=message):
         plot_attention.main(argv)
-    with pytest.raises(plot_attention.PlotError, match="no checkpoint at"):
+    with pytest.raises(ValueError, match="no checkpoint at"):
         plot_attention.main(["--ckpt", str(tmp_path / "missing.ckpt"), "--text", "a"])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import make_text
 
-from data import DataSourceError, LMDataModule, prepare_corpus
 from data import corpus as corpus_module
-from data.corpus import BUNDLED, _hub_splits
+from data.corpus import BUNDLED, DataSourceError, _hub_splits, prepare_corpus
+from data.lm import LMDataModule
 
 
 def all_tokens(corpus) -> np.ndarray:

@@ -1,18 +1,14 @@
 """Generation: KV cache equals recomputation, sampling controls, stop tokens, scripts/sample.py."""
 
-import functools
-import importlib.util
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from conftest import REPO
 
-from data import LMDataModule
 from model import ATTENTION_KERNELS, GPT, GPTConfig, KVCache, top_k_filter, top_p_filter
-from train import GPTLightningModule
+from scripts import bench_generate, sample
 
 IMPLS = sorted(ATTENTION_KERNELS)
 
@@ -126,39 +122,14 @@ def test_bad_sampling_arguments_fail_at_the_call():
 
 # ---------------------------------------------------------------- scripts/sample.py
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny character model trained for a few steps, saved by the real training path."""
-    from conftest import make_text
-
-    folder = tmp_path_factory.mktemp("ckpt")
-    (folder / "text.txt").write_text(make_text())
-    dm = LMDataModule(str(folder / "text.txt"), block_size=32, batch_size=8, cache_dir=str(folder / "cache"))
-    module = GPTLightningModule(GPTConfig(vocab_size=dm.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16),
-                                lr=1e-2, val_samples=0)
-    trainer = L.Trainer(max_steps=30, val_check_interval=30, check_val_every_n_epoch=None, limit_val_batches=1,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=folder)
-    trainer.fit(module, datamodule=dm)
-    trainer.save_checkpoint(folder / "tiny.ckpt")
-    return folder / "tiny.ckpt"
-
-
-@functools.cache
-def load_script(name: str):
-    """scripts/<name>.py as a module, loaded once (so that its exception classes are one class)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def sample_script():
-    return load_script("sample")
+@pytest.fixture
+def checkpoint(checkpoints):
+    """A tiny character model (block_size 32) trained for 30 steps by train.py."""
+    return checkpoints["gpt"]
 
 
 def run_sample(capsys, *argv) -> str:
-    sample_script().main(list(argv))
+    sample.main(list(argv))
     return capsys.readouterr().out
 
 
@@ -194,24 +165,23 @@ def test_sample_script_seed_cache_stream_and_stop(checkpoint, capsys):
 ])
 def test_sample_script_bad_input(checkpoint, argv, message):
     args = ["--ckpt", str(checkpoint), *argv] if argv[0] != "--ckpt" else argv
-    with pytest.raises(sample_script().SampleError, match=message):
-        sample_script().main(args)
+    with pytest.raises(ValueError, match=message):
+        sample.main(args)
 
 
 def test_sample_script_rejects_corrupt_checkpoints(checkpoint, tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[:5000])
-    with pytest.raises(sample_script().SampleError, match="not a readable checkpoint"):
-        sample_script().main(["--ckpt", str(truncated)])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        sample.main(["--ckpt", str(truncated)])
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
-    with pytest.raises(sample_script().SampleError, match="not a checkpoint of this project"):
-        sample_script().main(["--ckpt", str(other)])
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        sample.main(["--ckpt", str(other)])
 
 
 def test_generation_benchmark_prints_a_row_per_batch_and_context(capsys):
-    bench = load_script("bench_generate")
-    bench.main(["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--contexts", "1", "64",
+    bench_generate.main(["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--contexts", "1", "64",
                 "--batch", "1", "2", "--new-tokens", "3", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
     assert [row.split(" | ")[:2] for row in rows] == [["| 1", "1"], ["| 1", "64 (full)"], ["| 2", "1"],

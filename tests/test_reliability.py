@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from test_runs import fit, run_folders, tiny_run
-from test_translation import reverse_pairs, write_parallel
+from conftest import REPO, fit, reverse_pairs, run_folders, tiny_run, write_parallel
 
 from data.translation import PairBatches, TranslationDataModule
 from model import GPT
@@ -191,7 +189,8 @@ def test_resuming_with_other_model_options_is_refused_naming_them(text_file, tmp
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["config"]["attn_impl"] == "naive"
 
 
-def test_a_checkpoint_of_another_kind_or_vocabulary_is_refused(text_file, tmp_path, capsys):
+def test_a_checkpoint_of_another_kind_or_vocabulary_is_refused(text_file, tmp_path, capsys,
+                                                               checkpoints):
     fit(text_file, tmp_path, "--trainer.max_steps", "2")
     last, = tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt")
     other_text = tmp_path / "other.txt"
@@ -199,8 +198,5 @@ def test_a_checkpoint_of_another_kind_or_vocabulary_is_refused(text_file, tmp_pa
     assert cli(tiny_run(other_text, tmp_path, "--ckpt_path", str(last))) == 1
     assert "was trained with another vocabulary than this data's tokenizer" in capsys.readouterr().err
 
-    ckpt = torch.load(last, weights_only=True)
-    ckpt["model_kind"] = "seq2seq"
-    torch.save(ckpt, tmp_path / "seq2seq.ckpt")
-    assert cli(tiny_run(text_file, tmp_path, "--ckpt_path", str(tmp_path / "seq2seq.ckpt"))) == 1
+    assert cli(tiny_run(text_file, tmp_path, "--ckpt_path", str(checkpoints["seq2seq"]))) == 1
     assert "holds a seq2seq model, not a gpt one" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Run folders, CSV and offline wandb logging through train.py, resumed runs, and scripts/compare_runs.py."""
 
 import csv
-import importlib.util
 import subprocess
 import sys
 import time
@@ -9,32 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, fit, run_folders, tiny_run
 
 from model.device import choose_attn_impl, choose_precision, device_info
-from train import main
-
-spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
-
-
-def tiny_run(text_file: Path, save_dir: Path, *extra: str) -> list[str]:
-    """train.py arguments for a tiny GPT run; later flags win."""
-    return ["fit", "--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--data.source", str(text_file),
-            "--data.cache_dir", str(save_dir / "cache"), "--data.block_size", "16", "--model.config.n_layer", "1",
-            "--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.val_samples", "0",
-            "--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "5",
-            "--trainer.limit_val_batches", "4", "--trainer.enable_progress_bar", "false",
-            "--throughput.window_size", "5", "--run.save_dir", str(save_dir), *extra]
-
-
-def fit(text_file: Path, save_dir: Path, *extra: str) -> None:
-    main(tiny_run(text_file, save_dir, *extra))  # in this process: no second `import lightning`
-
-
-def run_folders(save_dir: Path) -> list[Path]:
-    return sorted(p for p in (save_dir / "mini-gpt").iterdir() if p.is_dir())
+from scripts import compare_runs
 
 
 def wandb_id(offline_run: Path) -> str:
@@ -173,13 +150,13 @@ def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
 
 
 def test_compare_runs_bad_input(tmp_path):
-    with pytest.raises(compare_runs.CompareError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         compare_runs.main([str(tmp_path / "nope")])
-    with pytest.raises(compare_runs.CompareError, match="none of the folders holds metrics"):
+    with pytest.raises(ValueError, match="none of the folders holds metrics"):
         compare_runs.main([str(tmp_path)])
-    with pytest.raises(compare_runs.CompareError, match="give run folders to compare"):
+    with pytest.raises(ValueError, match="give run folders to compare"):
         compare_runs.main([])
-    with pytest.raises(compare_runs.CompareError, match="--filters is not JSON"):
+    with pytest.raises(ValueError, match="--filters is not JSON"):
         compare_runs.main(["--wandb", "me/proj", "--filters", "{nope"])
 
 
@@ -188,6 +165,6 @@ def test_compare_runs_without_a_wandb_login_fails_fast_and_says_what_to_do(tmp_p
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
     start = time.perf_counter()
-    with pytest.raises(compare_runs.CompareError, match="cannot read wandb project 'me/proj'.*wandb login"):
+    with pytest.raises(ValueError, match="cannot read wandb project 'me/proj'.*wandb login"):
         compare_runs.main(["--wandb", "me/proj"])
     assert time.perf_counter() - start < 30

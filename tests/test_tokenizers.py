@@ -2,8 +2,8 @@
 
 import pytest
 
-from data import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
 from data import tokenizers as tokenizers_module
+from data.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
 
 SAMPLES = ["Hello world", "First Citizen:\nBefore we proceed any further, hear me speak.\n",
            "tabs\tand  spaces   ", "ünïcödé — emoji 🙂 and 中文", ""]

@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from data import LMDataModule
+from data.lm import LMDataModule
 from model import GPTConfig
 from train import GPTLightningModule, main, param_groups, warmup_cosine
 
