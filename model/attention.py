@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from .masks import build_mask
 from .tiled_attention import tiled_attention
@@ -86,6 +85,9 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
     T_q, T_k = q.size(-2), k.size(-2)
     mask, is_causal = None, causal
     if causal and T_q != T_k:  # is_causal aligns the triangle top-left; we need bottom-right
+        # imported here, not at the top: the module imports torch._dynamo, over a second at start-up
+        from torch.nn.attention.bias import causal_lower_right
+
         mask, is_causal = causal_lower_right(T_q, T_k), False
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
