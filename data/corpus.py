@@ -68,7 +68,8 @@ class TokenizedCorpus:
 
 
 def _report(message: str) -> None:
-    """A line on the console about work that takes a while (on stderr: stdout is the scripts' output)."""
+    """A line on the console about work that takes a while (on stderr: stdout is the scripts'
+    output)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -125,13 +126,15 @@ def find_local_files(source: str) -> list[Path] | None:
         if not files:
             if HUB_ID.match(source) and not _suffix(path):
                 return None
-            raise DataSourceError(f"data source {source!r}: no such file, folder or glob match. Pass a local "
-                                  f"{'/'.join(FORMATS)} file, a folder or glob of them, a hub dataset id "
-                                  f"(owner/name) or a text that ships with the project "
-                                  f"({', '.join(BUNDLED)}), e.g. --data.source path/to/input.txt")
+            raise DataSourceError(f"data source {source!r}: no such file, folder or glob match. "
+                                  f"Pass a local {'/'.join(FORMATS)} file, a folder or glob of "
+                                  "them, a hub dataset id (owner/name) or a text that ships with "
+                                  f"the project ({', '.join(BUNDLED)}), e.g. --data.source "
+                                  "path/to/input.txt")
     unsupported = [str(f) for f in files if not _suffix(f)]
     if unsupported:
-        raise DataSourceError(f"unsupported file type: {unsupported[:3]}; use {'/'.join(FORMATS)} files")
+        raise DataSourceError(f"unsupported file type: {unsupported[:3]}; use {'/'.join(FORMATS)} "
+                              "files")
     if len({FORMATS[_suffix(f)] for f in files}) > 1:
         raise DataSourceError(f"data source {source!r} mixes file formats; give files of one format")
     return files
@@ -159,8 +162,8 @@ def load_local(files: list[Path]):
         if ignored:
             _report(f"Using the train*/val* files as splits; ignoring {ignored}")
     if all(f.stat().st_size == 0 for f in files):
-        raise DataSourceError(f"{[str(f) for f in files][:3]} {'is' if len(files) == 1 else 'are'} empty: "
-                              f"there is no text to train on")
+        raise DataSourceError(f"{[str(f) for f in files][:3]} {'is' if len(files) == 1 else 'are'} "
+                              "empty: there is no text to train on")
     builder = FORMATS[_suffix(files[0])]
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     data_files = {split: [str(f) for f in fs] for split, fs in by_split.items()}
@@ -198,7 +201,8 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
 
 def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt, or --data.source "
-                                           "tiny_shakespeare for the copy that ships with the project"):
+                                          "tiny_shakespeare for the copy that ships with the "
+                                          "project"):
     """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
 
     Offline and not cached, fails at once (instead of ~20 s of retries), with ``hint`` saying where
@@ -210,13 +214,14 @@ def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt,
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
             or not hub_reachable():
         raise DataSourceError(
-            f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub cannot be reached "
-            f"(offline). Pass a local path instead: {hint}.")
+            f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub cannot "
+            f"be reached (offline). Pass a local path instead: {hint}.")
     try:
         return _hub_splits(load_dataset(dataset_id), dataset_id)
     except Exception as e:
-        raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: {e}. "
-                              f"Download its text and pass a local path instead: {hint}.") from e
+        raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: "
+                              f"{e}. Download its text and pass a local path instead: "
+                              f"{hint}.") from e
 
 
 def _hub_splits(ds, dataset_id: str):
@@ -237,8 +242,8 @@ def _hub_splits(ds, dataset_id: str):
 
 def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, folder: Path, num_proc):
     if text_column not in raw["train"].column_names:
-        raise DataSourceError(f"the data has no {text_column!r} column (it has {raw['train'].column_names}); "
-                              f"set --data.text_column")
+        raise DataSourceError(f"the data has no {text_column!r} column (it has "
+                              f"{raw['train'].column_names}); set --data.text_column")
     if tokenizer_name == "char":
         tokenizer = CharTokenizer.from_texts(
             t or "" for batch in raw["train"].iter(batch_size=10_000) for t in batch[text_column])

@@ -35,9 +35,10 @@ def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class RandomWindows(IterableDataset):
     """Endless batches of ``batch_size`` random windows; one random stream per (seed, rank, worker).
 
-    ``start`` batches are skipped, so that a resumed run sees the batches an uninterrupted one would (with
-    the same ``num_workers``): the loader takes batch k from worker k % W, so worker w takes up the stream
-    of worker (w + start) % W, fast-forwarded past the batches that stream already gave."""
+    ``start`` batches are skipped, so that a resumed run sees the batches an uninterrupted one would
+    (with the same ``num_workers``): the loader takes batch k from worker k % W, so worker w takes
+    up the stream of worker (w + start) % W, fast-forwarded past the batches that stream already
+    gave."""
 
     def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int,
                  rank: int = 0, start: int = 0):
@@ -59,7 +60,8 @@ class RandomWindows(IterableDataset):
 
 
 class FixedWindows(Dataset):
-    """The split as consecutive windows (each token is a target once), batched in a fixed shuffled order."""
+    """The split as consecutive windows (each token is a target once), batched in a fixed
+    shuffled order."""
 
     def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int):
         self.corpus, self.split, self.block_size, self.batch_size = corpus, split, block_size, batch_size
@@ -87,7 +89,8 @@ class LMDataModule(L.LightningDataModule):
         batch_size: examples per batch (per process).
         text_column: column holding the text in JSONL/parquet/hub data.
         val_fraction: share of the tokens held out for validation when the source has no val split.
-        cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``).
+        cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or
+            ``~/.cache/minigpt``).
         num_proc: processes for tokenizing (``datasets.map``); None tokenizes in this process.
         num_workers: DataLoader workers.
         seed: seed of the training windows and the order of the validation windows.
@@ -100,7 +103,8 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         check_tokenizer_name(tokenizer)
         if block_size < 1 or batch_size < 1:
-            raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and {batch_size}")
+            raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and "
+                             f"{batch_size}")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
 
     @cached_property
@@ -125,12 +129,14 @@ class LMDataModule(L.LightningDataModule):
         need = self.hparams.block_size + 1
         for split, n in self.corpus.num_tokens.items():
             if n < need:
-                raise DataSourceError(f"the {split} split of {self.hparams.source!r} has {n} tokens, fewer than "
-                                      f"block_size + 1 = {need}; use a smaller --data.block_size or more text")
+                raise DataSourceError(f"the {split} split of {self.hparams.source!r} has {n} "
+                                      f"tokens, fewer than block_size + 1 = {need}; use a smaller "
+                                      "--data.block_size or more text")
 
     def _loader(self, dataset) -> DataLoader:
-        # its own generator: making an iterator draws a seed from it, which would shift the global one that
-        # dropout uses, and a resumed run (new iterator) would then differ from an uninterrupted one
+        # its own generator: making an iterator draws a seed from it, which would shift the global
+        # one that dropout uses, and a resumed run (new iterator) would then differ from an
+        # uninterrupted one
         return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.hparams.seed))

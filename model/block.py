@@ -1,6 +1,8 @@
-"""The transformer block both models are built from: pre-LayerNorm sublayers, each added to the residual stream.
+"""The transformer block both models are built from: pre-LayerNorm sublayers, each added to the
+residual stream.
 
-* GPT and the seq2seq decoder: causal self-attention, MLP (the decoder adds cross-attention between them).
+* GPT and the seq2seq decoder: causal self-attention, MLP (the decoder adds cross-attention between
+  them).
 * The seq2seq encoder: bidirectional self-attention (with a key padding mask), MLP.
 """
 
@@ -12,30 +14,34 @@ from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
 
 
 def check_config(config, positive: tuple[str, ...]) -> None:
-    """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width, dropout in [0, 1)
-    and an attention path that can serve it. Raises ValueError naming the field and the fix."""
+    """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width,
+    dropout in [0, 1) and an attention path that can serve it. Raises ValueError naming the field
+    and the fix."""
     name = type(config).__name__
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"{name}.{field} must be at least 1, got {getattr(config, field)}")
     if config.n_embd % config.n_head != 0:
-        raise ValueError(f"{name}.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): "
-                         f"each head gets n_embd / n_head dimensions")
+        raise ValueError(f"{name}.n_embd ({config.n_embd}) must be divisible by n_head "
+                         f"({config.n_head}): each head gets n_embd / n_head dimensions")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     if config.attn_impl == "auto":
-        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in code, choose one "
-                         f"of {sorted(ATTENTION_KERNELS)} (model.device.choose_attn_impl picks as train.py does)")
+        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in code, "
+                         f"choose one of {sorted(ATTENTION_KERNELS)} (model.device.choose_attn_impl "
+                         "picks as train.py does)")
     if config.attn_impl not in ATTENTION_KERNELS:
-        raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of {sorted(ATTENTION_KERNELS)}")
+        raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of "
+                         f"{sorted(ATTENTION_KERNELS)}")
     if config.attn_impl == "tiled" and config.dropout > 0:
-        raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use another attn_impl")
+        raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use "
+                         "another attn_impl")
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2's initialisation: N(0, std) weights (0.02 in GPT-2), zero biases, and the projections that write
-    into the residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer blocks adding to one
-    stream."""
+    """GPT-2's initialisation: N(0, std) weights (0.02 in GPT-2), zero biases, and the projections
+    that write into the residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer
+    blocks adding to one stream."""
     def init(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -63,7 +69,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x + attn(ln(x)), then (cross=True) x + cross_attn(ln(x), context), then x + mlp(ln(x)).
 
-    ``mlp_hidden`` defaults to 4 * n_embd; ``attn_impl`` is one of ``model.attention.ATTENTION_KERNELS``.
+    ``mlp_hidden`` defaults to 4 * n_embd; ``attn_impl`` is one of
+    ``model.attention.ATTENTION_KERNELS``.
     """
 
     def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True, attn_impl: str = "sdpa",
@@ -80,9 +87,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor, key_mask: Tensor | None = None, kv_cache: KVCache | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
                 context_cache: KVCache | None = None) -> Tensor:
-        """x: (B, T, C); key_mask: (B, T_keys) for the self-attention; kv_cache: its keys and values so far.
-        Cross-attention: context (B, S, C), context_mask (B, S), context_cache (its projected keys and values,
-        filled on the first call and reused after)."""
+        """x: (B, T, C); key_mask: (B, T_keys) for the self-attention; kv_cache: its keys and values
+        so far. Cross-attention: context (B, S, C), context_mask (B, S), context_cache (its
+        projected keys and values, filled on the first call and reused after)."""
         x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context, key_mask=context_mask, kv_cache=context_cache)

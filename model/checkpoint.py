@@ -1,7 +1,7 @@
 """Loading the checkpoints that train.py writes, with torch alone: no Lightning, no training code.
 
-A checkpoint is one file written by ``torch.save`` (Lightning's ``Trainer.save_checkpoint``, with what
-``train.TrainModule.on_save_checkpoint`` adds). Inference reads these entries and nothing else:
+A checkpoint is one file written by ``torch.save`` (Lightning's ``Trainer.save_checkpoint``, with
+what ``train.TrainModule.on_save_checkpoint`` adds). Inference reads these entries and nothing else:
 
 * ``model_kind``: ``"gpt"`` or ``"seq2seq"`` (missing in early checkpoints: ``"gpt"``), the key of
   ``MODELS`` below;
@@ -12,9 +12,9 @@ A checkpoint is one file written by ``torch.save`` (Lightning's ``Trainer.save_c
 * ``tokenizer``: ``to_dict()`` of the tokenizer the model was trained with (``data.tokenizers``).
 
 Training also finds there what it needs to resume a run, which inference ignores: Lightning's own
-``global_step``, ``epoch``, ``optimizer_states``, ``lr_schedulers``, ``loops`` and ``callbacks``; the
-other ``hyper_parameters`` (learning rate, ...); and ours: ``wall_time_s`` (seconds of training so
-far), ``rng_states`` (torch, CUDA and Python random states) and ``run`` (the run's id, name and
+``global_step``, ``epoch``, ``optimizer_states``, ``lr_schedulers``, ``loops`` and ``callbacks``;
+the other ``hyper_parameters`` (learning rate, ...); and ours: ``wall_time_s`` (seconds of training
+so far), ``rng_states`` (torch, CUDA and Python random states) and ``run`` (the run's id, name and
 folder).
 
     from model.checkpoint import load_checkpoint
@@ -36,7 +36,8 @@ MODELS = {"gpt": (GPT, GPTConfig), "seq2seq": (Seq2SeqTransformer, Seq2SeqConfig
 
 
 class CheckpointError(ValueError):
-    """A checkpoint path that is missing, unreadable, not of this project, or of another model kind."""
+    """A checkpoint path that is missing, unreadable, not of this project, or of another model
+    kind."""
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu", kind: str | None = None) -> dict:
@@ -47,8 +48,8 @@ def read_checkpoint(path: str | Path, device: str = "cpu", kind: str | None = No
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the file "
-                              f"complete, and was it written by train.py?") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); is the "
+                              "file complete, and was it written by train.py?") from None
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if config is None or "tokenizer" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (it has no model config "
@@ -60,7 +61,8 @@ def read_checkpoint(path: str | Path, device: str = "cpu", kind: str | None = No
 
 def load_checkpoint(path: str | Path, device: str = "cpu", kind: str | None = None):
     """The model (in eval mode, on ``device``), tokenizer and kind of a checkpoint, GPT or seq2seq
-    (or only ``kind``). Raises CheckpointError, saying why, for a missing, unreadable or foreign file."""
+    (or only ``kind``). Raises CheckpointError, saying why, for a missing, unreadable or foreign
+    file."""
     ckpt = read_checkpoint(path, device, kind)
     kind = ckpt.get("model_kind", "gpt")
     model_class, config_class = MODELS[kind]
@@ -75,5 +77,6 @@ def load_gpt_checkpoint(path: str | Path, device: str = "cpu"):
 
 
 def load_seq2seq_checkpoint(path: str | Path, device: str = "cpu"):
-    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see ``load_checkpoint``."""
+    """The Seq2SeqTransformer (in eval mode) and tokenizer of a checkpoint; see
+    ``load_checkpoint``."""
     return load_checkpoint(path, device, "seq2seq")[:2]

@@ -52,15 +52,15 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, T: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token of a length-T sequence (default block_size):
-        6 per weight (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for the attention scores
-        and the weighted sum of values (PaLM, appendix B)."""
+        """Training FLOPs (forward + backward) per token of a length-T sequence (default
+        block_size): 6 per weight (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for the
+        attention scores and the weighted sum of values (PaLM, appendix B)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, kv_caches: list[KVCache] | None = None):
-        """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore); kv_caches: one per block,
-        holding the earlier tokens of the sequences (generation), which idx continues.
+        """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore); kv_caches: one per
+        block, holding the earlier tokens of the sequences (generation), which idx continues.
 
         Returns logits (B, T, vocab_size) and the mean cross-entropy (None without targets).
         """
@@ -69,8 +69,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = kv_caches[0].length if kv_caches else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence length {past + T} is longer than block_size {self.config.block_size}; "
-                             f"crop the input to the last {self.config.block_size} tokens")
+            raise ValueError(f"sequence length {past + T} is longer than block_size "
+                             f"{self.config.block_size}; crop the input to the last "
+                             f"{self.config.block_size} tokens")
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -89,26 +90,38 @@ class GPT(nn.Module):
         ``pick(logits) -> (B,)`` chooses each step's tokens.
 
         Context: at most block_size tokens. When the next token would make it longer, the context is
-        cropped to its last block_size // 2 tokens and the cache is rebuilt from them, with and without
-        a cache alike. (Positions are learned and absolute, so keys cached at other positions cannot be
-        slid along; rebuilding at every step would cost as much as having no cache.)
+        cropped to its last block_size // 2 tokens and the cache is rebuilt from them, with and
+        without a cache alike. (Positions are learned and absolute, so keys cached at other
+        positions cannot be slid along; rebuilding at every step would cost as much as having no
+        cache.)
         """
         if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"generation needs a (batch, time) tensor of at least one token, got {tuple(idx.shape)}")
+            raise ValueError(f"generation needs a (batch, time) tensor of at least one token, got "
+                             f"{tuple(idx.shape)}")
         block, keep = self.config.block_size, max(1, self.config.block_size // 2)
         caches = [KVCache(block) for _ in self.blocks] if use_cache else None
-        seq, start = idx, max(0, idx.size(1) - block)  # the context is seq[:, start:]
+        # seq is the whole sequence so far, prompt included; the model reads only seq[:, start:],
+        # the last block_size tokens at most (a longer prompt is cropped the same way)
+        seq, start = idx, max(0, idx.size(1) - block)
         for _ in range(max_new_tokens):
+            # 1. The context is full: keep its last `keep` tokens. Their positions change (position
+            #    0 is now the first kept token), so every cached key is stale: empty the caches, and
+            #    the next forward refills them from the kept tokens in one pass.
             if seq.size(1) - start > block:
                 start = seq.size(1) - keep
                 for cache in caches or []:
                     cache.reset()
-            # self.forward, not self(...): a compiled model would recompile for every new length
-            if caches:  # feed only what the cache has not seen
-                logits = self.forward(seq[:, start + caches[0].length:], kv_caches=caches)[0][:, -1]
+            # 2. The logits of the next token. With caches, feed only the tokens they have not
+            #    seen: the whole context on the first step (or after a crop), then one token; its
+            #    query attends to the cached keys of all earlier ones. Without, recompute it all.
+            #    (self.forward, not self(...): a compiled model would recompile for every length.)
+            if caches:
+                new = seq[:, start + caches[0].length:]  # (B, 1) after the first step
+                logits = self.forward(new, kv_caches=caches)[0][:, -1]  # (B, vocab_size)
             else:
                 logits = self.forward(seq[:, start:])[0][:, -1]
-            next_tokens = pick(logits)
+            # 3. Choose the tokens (greedy, or sampled: the caller's `pick`) and append them.
+            next_tokens = pick(logits)  # (B,)
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
             yield next_tokens, logits
 

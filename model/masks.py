@@ -20,7 +20,8 @@ ALL = slice(None)
 
 
 def causal_mask(T_q: int, T_k: int, device=None, rows: slice = ALL, cols: slice = ALL) -> Tensor:
-    """(T_q, T_k) boolean lower triangle aligned to the bottom right; or only its block ``rows x cols``."""
+    """(T_q, T_k) boolean lower triangle aligned to the bottom right; or only its block ``rows x
+    cols``."""
     q_pos = torch.arange(T_q, device=device)[rows, None]
     k_pos = torch.arange(T_k, device=device)[None, cols]
     return k_pos <= q_pos + (T_k - T_q)

@@ -14,7 +14,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep exactly the k largest logits per row (ties at the boundary broken by index), -inf elsewhere."""
+    """Keep exactly the k largest logits per row (ties at the boundary broken by index), -inf
+    elsewhere."""
     k = min(k, logits.size(-1))
     values, indices = torch.topk(logits, k, dim=-1)
     return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)

@@ -1,9 +1,9 @@
 """Decoding a Seq2SeqTransformer: greedy search and beam search, batched.
 
-Both run the encoder once per batch; with ``use_cache`` (the default) the decoder feeds one token per
-step, its self-attention keys and values kept in a cache and the encoder output projected for
-cross-attention once. A row that has produced eos is finished: it is extended with padding, at no cost
-to its score, until every row is. Results are token ids without bos and eos.
+Both run the encoder once per batch; with ``use_cache`` (the default) the decoder feeds one token
+per step, its self-attention keys and values kept in a cache and the encoder output projected for
+cross-attention once. A row that has produced eos is finished: it is extended with padding, at no
+cost to its score, until every row is. Results are token ids without bos and eos.
 """
 
 import torch
@@ -29,8 +29,8 @@ def _strip(rows: Tensor, eos_id: int) -> list[list[int]]:
 
 
 def _step_logits(model, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
-    """Logits (N, vocab) of the next token after ``tokens`` (N, t), feeding only what the cache has not seen.
-    Padding and bos are never predicted."""
+    """Logits (N, vocab) of the next token after ``tokens`` (N, t), feeding only what the cache has
+    not seen. Padding and bos are never predicted."""
     new = tokens[:, cache.length:] if cache is not None else tokens
     logits = model.decode(new, memory, src_mask, cache)[:, -1].float()
     logits[:, [model.config.pad_id, model.config.bos_id]] = float("-inf")
@@ -40,7 +40,8 @@ def _step_logits(model, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache)
 @torch.inference_mode()
 def greedy_search(model: Seq2SeqTransformer, src: Tensor, max_new_tokens: int | None = None,
                   use_cache: bool = True) -> list[list[int]]:
-    """src (B, S) padded source ids -> B translations (token ids), the likeliest token at each step."""
+    """src (B, S) padded source ids -> B translations (token ids), the likeliest token at each
+    step."""
     c = model.config
     steps = _max_new_tokens(model, src, max_new_tokens)
     memory, src_mask = model.encode(src)
@@ -58,16 +59,16 @@ def greedy_search(model: Seq2SeqTransformer, src: Tensor, max_new_tokens: int | 
 
 
 def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
-    """GNMT's ((5 + length) / 6) ** alpha: a score divided by it favours longer hypotheses as alpha grows
-    (0: raw log-probabilities, which favour short ones)."""
+    """GNMT's ((5 + length) / 6) ** alpha: a score divided by it favours longer hypotheses as alpha
+    grows (0: raw log-probabilities, which favour short ones)."""
     return ((5.0 + lengths) / 6.0) ** alpha
 
 
 @torch.inference_mode()
 def beam_search(model: Seq2SeqTransformer, src: Tensor, beam_size: int = 4, alpha: float = 0.6,
                 max_new_tokens: int | None = None, use_cache: bool = True) -> list[list[int]]:
-    """src (B, S) -> B translations: the best of ``beam_size`` hypotheses kept per sentence at each step,
-    ranked at the end by log-probability / length_penalty(length, alpha)."""
+    """src (B, S) -> B translations: the best of ``beam_size`` hypotheses kept per sentence at each
+    step, ranked at the end by log-probability / length_penalty(length, alpha)."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
     c, (B, S), K = model.config, src.shape, beam_size

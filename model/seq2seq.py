@@ -1,10 +1,11 @@
 """An encoder-decoder Transformer for translation, built from the same blocks as GPT.
 
 The encoder reads the source with bidirectional self-attention (padding hidden by a key mask); each
-decoder block runs causal self-attention over the target so far, then **cross-attention** (queries from
-the decoder, keys and values from the encoder's output, the source padding hidden again), then its MLP.
-Pre-LayerNorm throughout, a final LayerNorm after each stack, and one embedding matrix for source
-tokens, target tokens and the output projection (a joint vocabulary). Masks follow ``model/masks.py``.
+decoder block runs causal self-attention over the target so far, then **cross-attention** (queries
+from the decoder, keys and values from the encoder's output, the source padding hidden again), then
+its MLP. Pre-LayerNorm throughout, a final LayerNorm after each stack, and one embedding matrix for
+source tokens, target tokens and the output projection (a joint vocabulary). Masks follow
+``model/masks.py``.
 
     src     (B, S)  source ids, right-padded with pad_id
     tgt_in  (B, T)  bos + target           (what the decoder reads)
@@ -44,15 +45,18 @@ class Seq2SeqConfig:
         check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer", "n_head",
                                      "n_embd", "mlp_hidden"))
         if self.attn_impl == "flash":
-            raise ValueError("Seq2SeqConfig.attn_impl 'flash' cannot take the source padding mask; use 'sdpa' "
-                             "(which runs a fused kernel where it can), 'naive' or 'tiled'")
+            raise ValueError("Seq2SeqConfig.attn_impl 'flash' cannot take the source padding mask; "
+                             "use 'sdpa' (which runs a fused kernel where it can), 'naive' or "
+                             "'tiled'")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"Seq2SeqConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError("Seq2SeqConfig.label_smoothing must be in [0, 1), got "
+                             f"{self.label_smoothing}")
 
 
 class DecoderCache:
-    """What decoding keeps between steps, per decoder block: the self-attention's keys and values of the
-    target so far, and the cross-attention's projection of the encoder output (computed at the first step)."""
+    """What decoding keeps between steps, per decoder block: the self-attention's keys and values of
+    the target so far, and the cross-attention's projection of the encoder output (computed at
+    the first step)."""
 
     def __init__(self, n_layer: int, max_len: int, src_len: int):
         self.self_attn = [KVCache(max_len) for _ in range(n_layer)]
@@ -64,8 +68,9 @@ class DecoderCache:
         return self.self_attn[0].length
 
     def reorder(self, index: Tensor):
-        """Keep rows ``index`` of the batch (beam search). Only the self-attention caches move: beam search
-        picks rows among the beams of the same sentence, whose cross-attention keys and values are the same."""
+        """Keep rows ``index`` of the batch (beam search). Only the self-attention caches move: beam
+        search picks rows among the beams of the same sentence, whose cross-attention keys and
+        values are the same."""
         for cache in self.self_attn:
             cache.reorder(index)
 
@@ -93,8 +98,9 @@ class Seq2SeqTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
     def flops_per_batch(self, src_tokens: int, tgt_tokens: int) -> int:
-        """Training FLOPs (forward + backward) of a batch: 6 per weight and token, encoder weights on source
-        tokens, decoder weights and the output projection on target tokens (attention scores left out)."""
+        """Training FLOPs (forward + backward) of a batch: 6 per weight and token, encoder weights
+        on source tokens, decoder weights and the output projection on target tokens (attention
+        scores left out)."""
         encoder, decoder = self._weights_per_side
         return 6 * (encoder * src_tokens + decoder * tgt_tokens)
 
@@ -113,8 +119,8 @@ class Seq2SeqTransformer(nn.Module):
         return self.drop(self.tok_emb(ids) + pos_emb(pos))  # (B, T, C)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src (B, S) -> (memory (B, S, C), src_mask (B, S), True = real token). A source row of padding only
-        has no key to attend to: its attention outputs zeros (masks.py), never NaN."""
+        """src (B, S) -> (memory (B, S, C), src_mask (B, S), True = real token). A source row of
+        padding only has no key to attend to: its attention outputs zeros (masks.py), never NaN."""
         src_mask = src != self.config.pad_id
         x = self._embed(src, self.enc_pos, 0, "the source")
         for block in self.encoder:
@@ -125,8 +131,8 @@ class Seq2SeqTransformer(nn.Module):
         return DecoderCache(self.config.n_decoder_layer, self.config.max_len, src_len)
 
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None) -> Tensor:
-        """tgt (B, T) target ids (after bos) -> logits (B, T, vocab_size). With a cache, tgt continues the
-        tokens the cache has seen (decoding feeds one token per step)."""
+        """tgt (B, T) target ids (after bos) -> logits (B, T, vocab_size). With a cache, tgt
+        continues the tokens the cache has seen (decoding feeds one token per step)."""
         past = cache.length if cache is not None else 0
         x = self._embed(tgt, self.dec_pos, past, "the target")
         for i, block in enumerate(self.decoder):
@@ -135,8 +141,8 @@ class Seq2SeqTransformer(nn.Module):
         return self.lm_head(self.ln_dec(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Teacher forcing: logits (B, T, vocab_size) for every target position, and with tgt_out the
-        label-smoothed cross-entropy averaged over its non-pad tokens."""
+        """Teacher forcing: logits (B, T, vocab_size) for every target position, and with tgt_out
+        the label-smoothed cross-entropy averaged over its non-pad tokens."""
         memory, src_mask = self.encode(src)
         logits = self.decode(tgt_in, memory, src_mask)
         loss = None

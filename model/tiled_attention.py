@@ -16,7 +16,8 @@ keeps only ``out`` and the log-sum-exp ``lse = m + log l`` of each row and recom
 each tile's probabilities from them (FlashAttention-2's backward):
 
     p  = exp(s - lse)
-    dv += pᵀ do,   dp = do vᵀ,   ds = p ∘ (dp - rowsum(do ∘ out)),   dq += ds k / √d,   dk += dsᵀ q / √d
+    dv += pᵀ do,   dp = do vᵀ,   ds = p ∘ (dp - rowsum(do ∘ out)),
+    dq += ds k / √d,   dk += dsᵀ q / √d
 
 Written for reading and for proving the algorithm (tests check it against the reference);
 the Python loop over tiles makes it slower than the fused kernels. It has no dropout.
@@ -36,7 +37,8 @@ def _tiles(n: int, size: int):
 
 
 def _visible_key_tiles(i1: int, T_q: int, T_k: int, causal: bool, tile: int):
-    """Key tiles that queries < i1 may see: with a causal mask, none past key i1 - 1 + (T_k - T_q)."""
+    """Key tiles that queries < i1 may see: with a causal mask, none past key i1 - 1 + (T_k -
+    T_q)."""
     end = min(T_k, i1 + T_k - T_q) if causal else T_k
     return _tiles(max(end, 0), tile)
 

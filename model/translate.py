@@ -1,5 +1,6 @@
-"""Translation as text in, text out: tokenize, batch by length, search (``model.search``), detokenize;
-and sacreBLEU scores of the result, with the signature that says how they were computed."""
+"""Translation as text in, text out: tokenize, batch by length, search (``model.search``),
+detokenize; and sacreBLEU scores of the result, with the signature that says how they were
+computed."""
 
 import sys
 from functools import cache
@@ -19,8 +20,8 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
     """Translate ``texts`` (detokenized strings in, detokenized strings out), in batches of similar
     length of at most ``max_tokens`` source tokens; beam_size 1 is greedy search, ``alpha`` the
     length penalty of beam search. The model must be in eval mode. A text longer than the model's
-    ``max_len`` tokens is an error, or with ``truncate`` cut to its first ``max_len`` tokens (scoring
-    a whole evaluation set: every line counts, a cut one as it comes out)."""
+    ``max_len`` tokens is an error, or with ``truncate`` cut to its first ``max_len`` tokens
+    (scoring a whole evaluation set: every line counts, a cut one as it comes out)."""
     ids = tokenizer.encode_batch(texts)
     limit = model.config.max_len
     too_long = [i for i, row in enumerate(ids) if len(row) > limit]

@@ -2,9 +2,9 @@
 ending in one line, ``error: ...``, and exit status 1 instead of a traceback.
 
 A script's ``main(argv)`` raises ``ValueError`` (``UsageError``, ``CheckpointError``,
-``DataSourceError`` ... are ones) or ``FileNotFoundError`` with a message that says what was wrong and
-how to fix it; ``sys.exit(exit_code(main))`` turns that into the line. ``MINIGPT_TRACEBACK=1`` shows the
-traceback instead, for bug reports.
+``DataSourceError`` ... are ones) or ``FileNotFoundError`` with a message that says what was wrong
+and how to fix it; ``sys.exit(exit_code(main))`` turns that into the line. ``MINIGPT_TRACEBACK=1``
+shows the traceback instead, for bug reports.
 """
 
 import argparse
@@ -43,6 +43,6 @@ def pick_device(name: str) -> str:
     device_type = resolve_device(name)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[device_type]:
-        raise UsageError(f"--device {name}: there is no {device_type} device here; use --device auto "
-                         f"(or cpu)")
+        raise UsageError(f"--device {name}: there is no {device_type} device here; use --device "
+                         "auto (or cpu)")
     return device_type

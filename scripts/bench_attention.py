@@ -1,6 +1,6 @@
 """Forward + backward time and peak memory of every attention path across sequence lengths.
 
-    python scripts/bench_attention.py                                   # CPU, fp32, T = 128 ... 4096
+    python scripts/bench_attention.py                             # CPU, fp32, T = 128 ... 4096
     python scripts/bench_attention.py --paths naive sdpa --seq-lens 512 1024 --threads 1
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --seq-lens 1024 4096 16384
 
@@ -173,8 +173,9 @@ def main(argv=None):
         path, T = args.measure_memory[0], int(args.measure_memory[1])
         print(f"{peak_mib_here(args, path, T):.3f}")
         return
-    title = (f"causal attention fwd+bwd, {args.device} {args.dtype}, batch {args.batch}, heads {args.heads}, "
-             f"head dim {args.head_dim}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    title = (f"causal attention fwd+bwd, {args.device} {args.dtype}, batch {args.batch}, heads "
+             f"{args.heads}, head dim {args.head_dim}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}")
     print(title + "\n")
     results = {}
     for T in args.seq_lens:

@@ -1,10 +1,12 @@
 """Generation speed with and without the KV cache, for several context (prompt) lengths.
 
-    python scripts/bench_generate.py                                  # the CPU config's model, random weights
-    python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 --batch 1 4 16
+    python scripts/bench_generate.py             # the CPU config's model, random weights
+    python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 \
+        --batch 1 4 16
 
-Each run generates --new-tokens tokens greedily for each batch size after a prompt of each context length
-(a context equal to block_size starts full), --repeats times; the best time counts. Prints a markdown table.
+Each run generates --new-tokens tokens greedily for each batch size after a prompt of each context
+length (a context equal to block_size starts full), --repeats times; the best time counts. Prints a
+markdown table.
 """
 
 import argparse
@@ -77,7 +79,8 @@ def main(argv=None):
     contexts = args.contexts or sorted({1, block // 4, block // 2, block})
     print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, block_size {block}, "
           f"attn_impl {model.blocks[0].attn.attn_impl}, {args.new_tokens} new tokens, "
-          f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of {args.repeats}\n")
+          f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of "
+          f"{args.repeats}\n")
     print("| batch | context | no cache tokens/s | KV cache tokens/s | speed-up |")
     print("| --- | --- | --- | --- | --- |")
     for batch in args.batch:
@@ -86,8 +89,8 @@ def main(argv=None):
                 continue
             plain = tokens_per_sec(model, args, batch, context, use_cache=False)
             cached = tokens_per_sec(model, args, batch, context, use_cache=True)
-            print(f"| {batch} | {context}{' (full)' if context == block else ''} | {plain:,.0f} | {cached:,.0f} | "
-                  f"{cached / plain:.1f}x |", flush=True)
+            print(f"| {batch} | {context}{' (full)' if context == block else ''} | {plain:,.0f} | "
+                  f"{cached:,.0f} | {cached / plain:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Compare training runs: a table of the settings that differ between them with their final and best
-metrics, and a PNG of a validation metric against step and against wall time, one line per run.
+"""Compare training runs: a table of the settings that differ between them with their final and
+best metrics, and a PNG of a validation metric against step and against wall time, one line per run.
 
-    python scripts/compare_runs.py runs/mini-gpt/*                          # run folders: their metrics.csv
-    python scripts/compare_runs.py runs/mini-gpt/*/wandb/offline-run-*      # offline wandb runs (.wandb files)
-    python scripts/compare_runs.py --wandb my-team/mini-gpt --filters '{"config.model.lr": {"$gte": 0.001}}'
+    python scripts/compare_runs.py runs/mini-gpt/*                     # run folders: metrics.csv
+    python scripts/compare_runs.py runs/mini-gpt/*/wandb/offline-run-* # offline wandb runs
+    python scripts/compare_runs.py --wandb my-team/mini-gpt \
+        --filters '{"config.model.lr": {"$gte": 0.001}}'
     python scripts/compare_runs.py RUN_A RUN_B --plot val_loss.png --metric val/ppl
 
-A run folder is what train.py writes (config, metrics.csv, checkpoints, wandb); a CSV alone works too, with the
-config taken from the hparams.yaml beside it. --wandb reads a project online (needs `wandb login`); --filters
-takes wandb's MongoDB-style filters on config.*, summary_metrics.*, tags, state, ...
+A run folder is what train.py writes (config, metrics.csv, checkpoints, wandb); a CSV alone works
+too, with the config taken from the hparams.yaml beside it. --wandb reads a project online (needs
+`wandb login`); --filters takes wandb's MongoDB-style filters on config.*, summary_metrics.*, tags,
+state, ...
 """
 
 import argparse
@@ -49,7 +51,8 @@ class Run:
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
-    """{"model": {"lr": 1}} -> {"model.lr": 1}; lists as JSON text, so that they compare and print."""
+    """{"model": {"lr": 1}} -> {"model.lr": 1}; lists as JSON text, so that they compare and
+    print."""
     out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
@@ -64,7 +67,8 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def read_csv_run(path: Path) -> Run:
-    """A run folder written by train.py (or its metrics.csv): config from hparams.yaml, else config.yaml."""
+    """A run folder written by train.py (or its metrics.csv): config from hparams.yaml, else
+    config.yaml."""
     folder = path if path.is_dir() else path.parent
     metrics = folder / "metrics.csv"
     config = {}
@@ -85,8 +89,9 @@ def read_csv_run(path: Path) -> Run:
 
 
 def wandb_records(path: Path):
-    """The records of a .wandb file (LevelDB log format: 32 KiB blocks of chunks, each <crc:4><len:2><type:1>,
-    type 1 a whole record, 2/3/4 its first/middle/last part), as wandb_internal_pb2.Record messages."""
+    """The records of a .wandb file (LevelDB log format: 32 KiB blocks of chunks, each
+    <crc:4><len:2><type:1>, type 1 a whole record, 2/3/4 its first/middle/last part), as
+    wandb_internal_pb2.Record messages."""
     from wandb.proto import wandb_internal_pb2
 
     data, block = path.read_bytes(), 32768
@@ -158,8 +163,9 @@ def read_wandb_project(path: str, filters: dict | None, limit: int) -> list[Run]
             runs.append(_run_from_rows(remote.name, config, list(remote.scan_history())))
         return runs
     except (wandb.errors.UsageError, wandb.errors.CommError, ValueError) as e:
-        raise UsageError(f"cannot read wandb project {path!r}: {e}. Log in with `wandb login` (and check the "
-                           f"entity/project), or compare the local run folders instead") from None
+        raise UsageError(f"cannot read wandb project {path!r}: {e}. Log in with `wandb login` (and "
+                         "check the entity/project), or compare the local run folders "
+                         "instead") from None
 
 
 class NoMetrics(UsageError):
@@ -169,8 +175,8 @@ class NoMetrics(UsageError):
 def load(path_text: str) -> Run:
     path = Path(path_text)
     if not path.exists():
-        raise UsageError(f"{path} does not exist: give run folders (runs/<project>/<run>), metrics.csv files or "
-                           f"offline wandb runs")
+        raise UsageError(f"{path} does not exist: give run folders (runs/<project>/<run>), "
+                         "metrics.csv files or offline wandb runs")
     if (path / "metrics.csv").is_file() or path.name == "metrics.csv":
         return read_csv_run(path)
     if path.suffix == ".wandb" or list(path.glob("*.wandb")):
@@ -182,8 +188,9 @@ def load(path_text: str) -> Run:
 
 
 def differing(runs: list[Run], all_settings: bool = False) -> list[str]:
-    """The settings whose values are not the same in every run. Settings that only some runs have (runs of
-    another model kind, or of older code) count only with ``all_settings``, absent counting as a value."""
+    """The settings whose values are not the same in every run. Settings that only some runs have
+    (runs of another model kind, or of older code) count only with ``all_settings``, absent
+    counting as a value."""
     keys = {k for run in runs for k in run.config if k not in IGNORED}
     if not all_settings:
         keys = {k for k in keys if all(k in run.config for run in runs)}
@@ -252,19 +259,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="run folders, metrics.csv files or offline wandb runs")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="also compare runs of this wandb project")
-    p.add_argument("--filters", default=None, help="with --wandb: a JSON filter, e.g. '{\"state\": \"finished\"}'")
-    p.add_argument("--limit", type=int, default=20, help="with --wandb: at most this many runs, newest first")
+    p.add_argument("--filters", default=None, help="with --wandb: a JSON filter, e.g. '{\"state\": "
+                                                   "\"finished\"}'")
+    p.add_argument("--limit", type=int, default=20, help="with --wandb: at most this many runs, "
+                                                         "newest first")
     p.add_argument("--metric", default="val/loss", help="the metric to rank and plot")
     p.add_argument("--plot", default="compare_runs.png", help="where to write the PNG")
     p.add_argument("--all-settings", action="store_true",
-                   help="also settings that only some of the runs have (by default, those all runs have)")
+                   help="also settings that only some of the runs have (by default, those all runs "
+                        "have)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if not args.runs and not args.wandb:
-        raise UsageError("give run folders to compare (e.g. runs/mini-gpt/*), or --wandb ENTITY/PROJECT")
+        raise UsageError("give run folders to compare (e.g. runs/mini-gpt/*), or --wandb "
+                         "ENTITY/PROJECT")
     try:
         filters = json.loads(args.filters) if args.filters else None
     except json.JSONDecodeError as e:

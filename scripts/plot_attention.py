@@ -1,17 +1,19 @@
 """Plot the attention maps of a trained model as PNG heatmaps, with the tokens on the axes.
 
-    python scripts/plot_attention.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --text "ROMEO:" --layer 3
-    python scripts/plot_attention.py --ckpt <gpt>.ckpt --text "ROMEO:" --head 0          # head 0 in every layer
-    python scripts/plot_attention.py --ckpt <gpt>.ckpt --text "ROMEO:" --layer 0 --average   # mean of the heads
-    python scripts/plot_attention.py --ckpt <seq2seq>.ckpt --text "Ein Hund rennt im Schnee."   # cross-attention
+    python scripts/plot_attention.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt \
+        --text "ROMEO:" --layer 3
+    python scripts/plot_attention.py --ckpt <gpt>.ckpt --text "ROMEO:" --head 0   # every layer
+    python scripts/plot_attention.py --ckpt <gpt>.ckpt --text "ROMEO:" --layer 0 --average
+    python scripts/plot_attention.py --ckpt <seq2seq>.ckpt --text "Ein Hund rennt im Schnee."
     python scripts/plot_attention.py --ckpt <seq2seq>.ckpt --text "Ein Hund rennt." --attention self
 
-GPT: the causal self-attention over the text (each row a query token, each column a key token). Seq2seq:
-the model translates the text (beam search), then one forward pass over the source and its translation
-records the decoder's cross-attention (its input tokens, bos then the translation, each row predicting
-the next token, against the source tokens) or its causal self-attention. The weights come from
-``model.capture_attention`` (the reference path, whatever path the model was trained with). By default,
-every head of the last layer.
+GPT: the causal self-attention over the text (each row a query token, each column a key token).
+Seq2seq: the model translates the text (beam search), then one forward pass over the source and its
+translation records the decoder's cross-attention (its input tokens, bos then the translation, each
+row predicting the next token, against the source tokens) or its causal self-attention. The weights
+come from ``model.capture_attention`` (the reference path, whatever path the model was trained
+with). By default, every head of the last layer; --head H shows one head in every layer, --average
+the mean of a layer's heads.
 """
 
 import argparse
@@ -34,7 +36,8 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 
 def gpt_maps(model, tokenizer, text: str) -> tuple[list[torch.Tensor], list[str], list[str]]:
-    """Per layer (nh, T, T) weights of the causal self-attention over ``text``, and the token labels."""
+    """Per layer (nh, T, T) weights of the causal self-attention over ``text``, and the token
+    labels."""
     ids = tokenizer.encode(text)[-model.config.block_size:]
     if not ids:
         raise UsageError("--text is empty: give a prompt to look at")
@@ -46,8 +49,8 @@ def gpt_maps(model, tokenizer, text: str) -> tuple[list[torch.Tensor], list[str]
 
 
 def seq2seq_maps(model, tokenizer, text: str, attention: str, beam: int):
-    """Per decoder layer (nh, T_tgt, T_src) cross-attention (or (nh, T_tgt, T_tgt) self-attention) for the
-    model's own translation of ``text``, and the labels of the rows and columns."""
+    """Per decoder layer (nh, T_tgt, T_src) cross-attention (or (nh, T_tgt, T_tgt) self-attention)
+    for the model's own translation of ``text``, and the labels of the rows and columns."""
     config, device = model.config, next(model.parameters()).device
     src_ids = tokenizer.encode(text)
     if not src_ids or len(src_ids) > config.max_len:
@@ -66,7 +69,8 @@ def seq2seq_maps(model, tokenizer, text: str, attention: str, beam: int):
 
 
 def select(layers: list[torch.Tensor], layer: int | None, head: int | None, average: bool):
-    """(title, (rows, cols) map) pairs: one head across layers, the mean of a layer's heads, or its heads."""
+    """(title, (rows, cols) map) pairs: one head across layers, the mean of a layer's heads, or
+    its heads."""
     n_layer, n_head = len(layers), layers[0].size(0)
     if layer is not None and not -n_layer <= layer < n_layer:
         raise UsageError(f"--layer {layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
@@ -110,12 +114,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (GPT or seq2seq)")
     p.add_argument("--text", required=True, help="GPT: the prompt; seq2seq: the source sentence")
-    p.add_argument("--layer", type=int, default=None, help="the layer whose heads to plot (default: the last)")
+    p.add_argument("--layer", type=int, default=None, help="the layer whose heads to plot (default: "
+                                                           "the last)")
     p.add_argument("--head", type=int, default=None, help="plot this head in every layer instead")
     p.add_argument("--average", action="store_true", help="plot the mean of the layer's heads")
     p.add_argument("--attention", choices=["cross", "self"], default="cross",
-                   help="seq2seq: the decoder's cross-attention (default) or its causal self-attention")
-    p.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the translation (1 = greedy)")
+                   help="seq2seq: the decoder's cross-attention (default) or its causal "
+                        "self-attention")
+    p.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the translation (1 = "
+                                                       "greedy)")
     p.add_argument("--out", default="attention.png", help="where to write the PNG")
     add_device_argument(p)
     return p.parse_args(argv)

@@ -1,12 +1,12 @@
 """Sample text from a trained checkpoint.
 
     python scripts/sample.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --prompt "ROMEO:"
-    python scripts/sample.py --ckpt model.ckpt --prompt-file prompt.txt --num-samples 3 --temperature 0.8 \\
-        --top-k 200 --max-new-tokens 500 --stop "\\n\\n" --stream
+    python scripts/sample.py --ckpt model.ckpt --prompt-file prompt.txt --num-samples 3 \\
+        --temperature 0.8 --top-k 200 --max-new-tokens 500 --stop "\\n\\n" --stream
 
 The checkpoint alone is enough: it holds the model's config and its tokenizer. Without a prompt,
-generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for GPT-2).
-Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
+generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for
+GPT-2). Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
 block_size the context is cropped to its last half (see GPT._decode).
 """
 
@@ -31,8 +31,8 @@ def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
     except ValueError as e:
         raise UsageError(f"the prompt cannot be encoded: {e}") from None
     if len(ids) > block_size:
-        raise UsageError(f"the prompt is {len(ids)} tokens long; this model reads at most {block_size} "
-                          f"(its block_size). Shorten the prompt.")
+        raise UsageError(f"the prompt is {len(ids)} tokens long; this model reads at most "
+                         f"{block_size} (its block_size). Shorten the prompt.")
     return ids
 
 
@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     add_device_argument(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every "
+                                                           "step")
     return p.parse_args(argv)
 
 

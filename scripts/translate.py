@@ -1,13 +1,14 @@
 """Translate with a trained seq2seq checkpoint, or score it with sacreBLEU on a parallel file pair.
 
-    python scripts/translate.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --text "Ein Hund rennt."
-    python scripts/translate.py --ckpt model.ckpt --file sentences.de > sentences.en      # one sentence per line
-    cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1             # stdin, greedy
+    python scripts/translate.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt \
+        --text "Ein Hund rennt."
+    python scripts/translate.py --ckpt model.ckpt --file sentences.de > sentences.en  # one per line
+    cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1         # stdin, greedy
     python scripts/translate.py --ckpt model.ckpt --eval val.de.gz val.en.gz --output hyps.en
 
-The checkpoint alone is enough: it holds the model's config and its BPE vocabulary. Beam search (default
-beam 4, GNMT length penalty 0.6); --beam 1 is greedy. --eval prints the standard cased sacreBLEU and the
-lowercased one, on detokenized text. Files may be gzipped.
+The checkpoint alone is enough: it holds the model's config and its BPE vocabulary. Beam search
+(default beam 4, GNMT length penalty 0.6); --beam 1 is greedy. --eval prints the standard cased
+sacreBLEU and the lowercased one, on detokenized text. Files may be gzipped.
 """
 
 import argparse
@@ -78,8 +79,8 @@ def main(argv=None):
             f.write("\n".join(hypotheses) + "\n")
     scores = bleu(hypotheses, references)
     search = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
-    print(f"sacreBLEU {scores['bleu']:.2f} (lowercase {scores['bleu_lc']:.2f}) on {len(sources)} lines, "
-          f"{search}, {seconds:.1f} s; {bleu_signature()}")
+    print(f"sacreBLEU {scores['bleu']:.2f} (lowercase {scores['bleu_lc']:.2f}) on {len(sources)} "
+          f"lines, {search}, {seconds:.1f} s; {bleu_signature()}")
 
 
 if __name__ == "__main__":

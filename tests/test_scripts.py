@@ -1,5 +1,6 @@
-"""Every script in scripts/ (and train.py) runs end to end from a subprocess on tiny checkpoints, from a
-working directory whose own data/, model/ and train.py would shadow the project's if it let them."""
+"""Every script in scripts/ (and train.py) runs end to end from a subprocess on tiny checkpoints,
+from a working directory whose own data/, model/ and train.py would shadow the project's if it
+let them."""
 
 import os
 import subprocess
@@ -17,11 +18,13 @@ GPT_RUN = ["--data.block_size", "16", "--data.batch_size", "4", "--model.config.
 
 @pytest.fixture(scope="module")
 def foreign_cwd(tmp_path_factory) -> Path:
-    """A user's project folder: its own data/, model/ and train.py, each failing loudly if imported."""
+    """A user's project folder: its own data/, model/ and train.py, each failing loudly if
+    imported."""
     folder = tmp_path_factory.mktemp("users_project")
     for package in ("data", "model"):
         (folder / package).mkdir()
-        (folder / package / "__init__.py").write_text(f"raise ImportError('the user\\'s own {package}/ was imported')")
+        (folder / package / "__init__.py").write_text("raise ImportError('the user\\'s own "
+                                                      f"{package}/ was imported')")
     (folder / "train.py").write_text("raise ImportError('the user\\'s own train.py was imported')")
     return folder
 
@@ -84,7 +87,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HTTP_PROXY": "htt
 
 
 def test_make_train_trains_offline_on_the_shipped_text_with_no_source_given(tmp_path):
-    """What `make train` runs, with the network off and no --data.source: the shipped Tiny Shakespeare."""
+    """What `make train` runs, with the network off and no --data.source: the shipped Tiny
+    Shakespeare."""
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config",
                              str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--run.save_dir", str(tmp_path),
                              "--data.cache_dir", str(tmp_path / "cache"), *GPT_RUN], cwd=tmp_path,
