@@ -687,7 +687,7 @@ class SaveRunConfig(SaveConfigCallback):
                       **{f"run_{key}": value for key, value in (pl_module.run_info or {}).items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:  # the table sorts on best
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:  # for the runs table
                 for metric, best in SUMMARY_METRICS.items():
                     logger.experiment.define_metric(metric, summary=f"{best},last")
 

@@ -39,12 +39,14 @@ import numpy as np
 from .tokenizers import CharTokenizer, GPT2Tokenizer, check_tokenizer_name, tokenizer_from_dict
 
 CACHE_VERSION = 1
-FORMATS = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+FORMATS = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "json",
+           ".parquet": "parquet"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Texts that ship inside the repository, usable by name as a source, offline (data/<name>/README.md
 # says where each comes from). A local path of the same name, when there is one, wins.
-BUNDLED = {"tiny_shakespeare": Path(__file__).resolve().parent / "tiny_shakespeare" / "input.txt.gz"}
+BUNDLED = {"tiny_shakespeare": Path(__file__).resolve().parent / "tiny_shakespeare"
+                               / "input.txt.gz"}
 # Hub datasets whose published validation split is several of the hub's splits together:
 # karpathy/tiny_shakespeare's Parquet version cuts the text 90/5/5, published numbers use 90/10.
 HUB_VAL_SPLITS = {"karpathy/tiny_shakespeare": ("validation", "test")}
@@ -74,21 +76,24 @@ def _report(message: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MINIGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "minigpt"
+    xdg_cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
+    root = os.environ.get("MINIGPT_CACHE") or xdg_cache / "minigpt"
     return Path(root).expanduser() / "tokens"
 
 
-def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "text", val_fraction: float = 0.1,
-                   cache_dir: str | os.PathLike | None = None, num_proc: int | None = None) -> TokenizedCorpus:
+def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "text",
+                   val_fraction: float = 0.1, cache_dir: str | os.PathLike | None = None,
+                   num_proc: int | None = None) -> TokenizedCorpus:
     """Tokenize ``source`` into the cache (or find it there) and return the corpus."""
     check_tokenizer_name(tokenizer)
     if not 0.0 < val_fraction < 1.0:
         raise DataSourceError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = find_local_files(source)
+    # the cache folder's name: a hash of everything the tokens depend on, local files by path,
+    # size and modification time (an edited file is tokenized again)
+    files_id = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files or []]
     identity = {"version": CACHE_VERSION, "tokenizer": tokenizer, "text_column": text_column,
-                "val_fraction": val_fraction,
-                "source": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-                if files else source}
+                "val_fraction": val_fraction, "source": files_id if files else source}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     name = Path(files[0]).name.split(".")[0] if files else source.replace("/", "--")
     folder = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}-{digest}"
@@ -100,7 +105,8 @@ def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "
         _report(f"Tokenizing {source!r} with the {tokenizer} tokenizer into {folder}")
         _write_corpus(raw, tokenizer, text_column, val_fraction, join_lines, folder, num_proc)
     meta = json.loads((folder / "meta.json").read_text())
-    return TokenizedCorpus(folder, tokenizer_from_dict(meta["tokenizer"]), meta["dtype"], meta["num_tokens"])
+    return TokenizedCorpus(folder, tokenizer_from_dict(meta["tokenizer"]), meta["dtype"],
+                           meta["num_tokens"])
 
 
 # ---------------------------------------------------------------- finding and loading the source
@@ -136,7 +142,8 @@ def find_local_files(source: str) -> list[Path] | None:
         raise DataSourceError(f"unsupported file type: {unsupported[:3]}; use {'/'.join(FORMATS)} "
                               "files")
     if len({FORMATS[_suffix(f)] for f in files}) > 1:
-        raise DataSourceError(f"data source {source!r} mixes file formats; give files of one format")
+        raise DataSourceError(f"data source {source!r} mixes file formats; give files of one "
+                              f"format")
     return files
 
 
@@ -214,8 +221,8 @@ def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt,
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
             or not hub_reachable():
         raise DataSourceError(
-            f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub cannot "
-            f"be reached (offline). Pass a local path instead: {hint}.")
+            f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub "
+            f"cannot be reached (offline). Pass a local path instead: {hint}.")
     try:
         return _hub_splits(load_dataset(dataset_id), dataset_id)
     except Exception as e:
@@ -230,17 +237,20 @@ def _hub_splits(ds, dataset_id: str):
     from datasets import DatasetDict, concatenate_datasets
 
     if "train" not in ds:
-        raise DataSourceError(f"hub dataset {dataset_id!r} has no 'train' split (it has {list(ds)})")
+        raise DataSourceError(f"hub dataset {dataset_id!r} has no 'train' split (it has "
+                              f"{list(ds)})")
     published = HUB_VAL_SPLITS.get(dataset_id)
     if published and all(split in ds for split in published):
-        return DatasetDict({"train": ds["train"], "val": concatenate_datasets([ds[s] for s in published])})
+        val = concatenate_datasets([ds[s] for s in published])
+        return DatasetDict({"train": ds["train"], "val": val})
     val = next((s for s in VAL_SPLIT_NAMES if s in ds), None)
     return DatasetDict({"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]})
 
 
 # ---------------------------------------------------------------- tokenizing into the cache
 
-def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, folder: Path, num_proc):
+def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, folder: Path,
+                  num_proc):
     if text_column not in raw["train"].column_names:
         raise DataSourceError(f"the data has no {text_column!r} column (it has "
                               f"{raw['train'].column_names}); set --data.text_column")
@@ -255,15 +265,17 @@ def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, fo
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
     try:
-        num_tokens = {split: _tokenize_split(raw[split], split, tokenizer, text_column, join_lines, dtype,
-                                             work, num_proc) for split in raw}
+        num_tokens = {split: _tokenize_split(raw[split], split, tokenizer, text_column,
+                                             join_lines, dtype, work, num_proc)
+                      for split in raw}
         if "val" not in raw:  # no validation split of its own: the last val_fraction of the tokens
             n = num_tokens["train"]
             n_train = int(n * (1 - val_fraction))
             np.memmap(work / "train.bin", dtype=dtype, mode="r")[n_train:].tofile(work / "val.bin")
             os.truncate(work / "train.bin", n_train * np.dtype(dtype).itemsize)
             num_tokens = {"train": n_train, "val": n - n_train}
-        meta = {"tokenizer": tokenizer.to_dict(), "dtype": np.dtype(dtype).name, "num_tokens": num_tokens}
+        meta = {"tokenizer": tokenizer.to_dict(), "dtype": np.dtype(dtype).name,
+                "num_tokens": num_tokens}
         (work / "meta.json").write_text(json.dumps(meta))
         for leftover in work.glob("*.arrow"):
             leftover.unlink()
@@ -276,7 +288,8 @@ def _write_corpus(raw, tokenizer_name, text_column, val_fraction, join_lines, fo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tokenize_split(ds, split, tokenizer, text_column, join_lines, dtype, work: Path, num_proc) -> int:
+def _tokenize_split(ds, split, tokenizer, text_column, join_lines, dtype, work: Path,
+                    num_proc) -> int:
     eot = tokenizer.eot_token
 
     def encode(batch):
@@ -294,7 +307,7 @@ def _tokenize_split(ds, split, tokenizer, text_column, join_lines, dtype, work: 
         raise DataSourceError(f"{split} split: {e}") from None
     n = 0
     with open(work / f"{split}.bin", "wb") as f:
-        for chunk in tokenized.data.column("ids").chunks:  # streamed: never the whole split in Python
+        for chunk in tokenized.data.column("ids").chunks:  # streamed: never all of it in Python
             ids = chunk.flatten().to_numpy().astype(dtype)
             f.write(ids.tobytes())
             n += len(ids)

@@ -28,6 +28,8 @@ def batches_trained(trainer) -> int:
 
 
 def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of block_size + 1 tokens -> inputs x and targets y, both (B, block_size): y is x
+    shifted by one, so position t of a window learns to predict token t + 1."""
     w = torch.from_numpy(windows.astype(np.int64))  # (B, block_size + 1)
     return w[:, :-1], w[:, 1:]
 
@@ -40,21 +42,28 @@ class RandomWindows(IterableDataset):
     up the stream of worker (w + start) % W, fast-forwarded past the batches that stream already
     gave."""
 
-    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, start: int = 0):
+    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int,
+                 seed: int, rank: int = 0, start: int = 0):
         self.corpus, self.split = corpus, split
-        self.block_size, self.batch_size, self.seed, self.rank, self.start = block_size, batch_size, seed, rank, start
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.rank, self.start = rank, start
 
     def __iter__(self):
         tokens = self.corpus.tokens(self.split)  # memory-mapped, opened in the worker
         worker = get_worker_info()
         num_workers = worker.num_workers if worker else 1
+        # Which stream this worker continues: batch `start` (the next one to train on) comes from
+        # worker 0, and it is batch number `start` of the whole run, so it belongs to the stream
+        # of worker start % num_workers in an uninterrupted run.
         stream = ((worker.id if worker else 0) + self.start) % num_workers
         rng = np.random.default_rng([self.seed, self.rank, stream])
         high, span = len(tokens) - self.block_size, np.arange(self.block_size + 1)
-        for _ in range(stream, self.start, num_workers):  # the draws of the batches already trained on
+        # replay the draws of this stream's batches that were already trained on (stream, stream
+        # + W, ... below start): cheap, and the generator is then where it was at the interruption
+        for _ in range(stream, self.start, num_workers):
             rng.integers(0, high, size=self.batch_size)
         while True:
+            # a window may start anywhere its block_size + 1 tokens fit: (B, block_size + 1)
             starts = rng.integers(0, high, size=self.batch_size)
             yield _windows_to_xy(tokens[starts[:, None] + span])
 
@@ -63,8 +72,12 @@ class FixedWindows(Dataset):
     """The split as consecutive windows (each token is a target once), batched in a fixed
     shuffled order."""
 
-    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int, seed: int):
-        self.corpus, self.split, self.block_size, self.batch_size = corpus, split, block_size, batch_size
+    def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int,
+                 seed: int):
+        self.corpus, self.split = corpus, split
+        self.block_size, self.batch_size = block_size, batch_size
+        # windows start every block_size tokens and overlap by one (the last target of one is the
+        # first input of the next), so every token but the first is a target exactly once
         num_windows = (corpus.num_tokens[split] - 1) // block_size
         self.starts = np.random.default_rng(seed).permutation(num_windows) * block_size
 
@@ -96,8 +109,9 @@ class LMDataModule(L.LightningDataModule):
         seed: seed of the training windows and the order of the validation windows.
     """
 
-    def __init__(self, source: str = "tiny_shakespeare", tokenizer: str = "char", block_size: int = 256,
-                 batch_size: int = 64, text_column: str = "text", val_fraction: float = 0.1,
+    def __init__(self, source: str = "tiny_shakespeare", tokenizer: str = "char",
+                 block_size: int = 256, batch_size: int = 64, text_column: str = "text",
+                 val_fraction: float = 0.1,
                  cache_dir: str | None = None, num_proc: int | None = None, num_workers: int = 0,
                  seed: int = 1337):
         super().__init__()
@@ -111,8 +125,9 @@ class LMDataModule(L.LightningDataModule):
     def corpus(self) -> TokenizedCorpus:
         """Tokenizes the source on first use (or finds it in the cache)."""
         hp = self.hparams
-        return prepare_corpus(hp.source, hp.tokenizer, text_column=hp.text_column, val_fraction=hp.val_fraction,
-                              cache_dir=hp.cache_dir, num_proc=hp.num_proc)
+        return prepare_corpus(hp.source, hp.tokenizer, text_column=hp.text_column,
+                              val_fraction=hp.val_fraction, cache_dir=hp.cache_dir,
+                              num_proc=hp.num_proc)
 
     @property
     def tokenizer(self):
@@ -138,13 +153,17 @@ class LMDataModule(L.LightningDataModule):
         # one that dropout uses, and a resumed run (new iterator) would then differ from an
         # uninterrupted one
         return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.hparams.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        rank, done = (self.trainer.global_rank, batches_trained(self.trainer)) if self.trainer is not None else (0, 0)
-        return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size, hp.seed, rank, done))
+        rank, done = 0, 0
+        if self.trainer is not None:  # a resumed run's windows go on where it stopped
+            rank, done = self.trainer.global_rank, batches_trained(self.trainer)
+        return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size,
+                                          hp.seed, rank, done))
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

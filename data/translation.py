@@ -36,7 +36,8 @@ MULTI30K_HINT = ("the Multi30k text is at https://github.com/multi30k/dataset (d
 
 
 def _find(folder: Path, stem: str) -> Path | None:
-    return next((folder / f"{stem}{gz}" for gz in ("", ".gz") if (folder / f"{stem}{gz}").is_file()), None)
+    candidates = (folder / f"{stem}{gz}" for gz in ("", ".gz"))
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
@@ -73,7 +74,7 @@ def _load_jsonl_pairs(folder: Path):
     from datasets import DatasetDict, load_dataset
 
     splits = {}
-    for split in ("train", "val"):  # one at a time: the two files may lay their pairs out differently
+    for split in ("train", "val"):  # one at a time: the files may lay their pairs out differently
         path = _find(folder, f"{split}.jsonl")
         try:
             splits[split] = load_dataset("json", data_files=str(path), split="train")
@@ -88,8 +89,10 @@ def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[lis
     empty side dropped."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        ds = _load_jsonl_pairs(folder) if _find(folder, "train.jsonl") and _find(folder, "val.jsonl") \
-            else _load_line_pairs(folder, src_lang, tgt_lang)
+        if _find(folder, "train.jsonl") and _find(folder, "val.jsonl"):
+            ds = _load_jsonl_pairs(folder)
+        else:
+            ds = _load_line_pairs(folder, src_lang, tgt_lang)
     elif HUB_ID.match(source) and not folder.exists():
         ds = load_hub(source, hint=MULTI30K_HINT)
         if "val" not in ds:
@@ -100,10 +103,12 @@ def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[lis
     pairs = {}
     for split in ("train", "val"):
         sources, targets = _columns(ds[split], src_lang, tgt_lang, source)
-        kept = [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True) if s.strip() and t.strip()]
+        kept = [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True)
+                if s.strip() and t.strip()]
         if len(kept) < len(sources):
-            rank_zero_info(f"{source} {split}: dropped {len(sources) - len(kept)} of {len(sources)} "
-                           "pairs with an empty side")
+            dropped = len(sources) - len(kept)
+            rank_zero_info(f"{source} {split}: dropped {dropped} of {len(sources)} pairs with an "
+                           "empty side")
         if not kept:
             raise DataSourceError(f"{source} has no {split} pairs with text on both sides")
         pairs[split] = ([s for s, _ in kept], [t for _, t in kept])
@@ -112,8 +117,9 @@ def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[lis
 
 def _columns(ds, src_lang: str, tgt_lang: str, source: str) -> tuple[list[str], list[str]]:
     if "translation" in ds.column_names:
-        ds = ds.flatten().rename_columns({f"translation.{lang}": lang for lang in (src_lang, tgt_lang)
-                                          if f"translation.{lang}" in ds.flatten().column_names})
+        flat = ds.flatten()
+        ds = flat.rename_columns({f"translation.{lang}": lang for lang in (src_lang, tgt_lang)
+                                  if f"translation.{lang}" in flat.column_names})
     missing = [lang for lang in (src_lang, tgt_lang) if lang not in ds.column_names]
     if missing:
         raise DataSourceError(f"{source} has no {missing} column (it has {ds.column_names}); set "
@@ -130,9 +136,10 @@ class PairBatches(IterableDataset):
     there (the epoch and the place in it), so that a resumed run sees the batches an
     uninterrupted one would."""
 
-    def __init__(self, src: list[list[int]], tgt: list[list[int]], max_tokens: int, shuffle: bool, seed: int = 0,
-                 pad_id: int = BPETokenizer.pad_id, bos_id: int = BPETokenizer.bos_id,
-                 eos_id: int = BPETokenizer.eos_id, position: Callable[[], int] | None = None):
+    def __init__(self, src: list[list[int]], tgt: list[list[int]], max_tokens: int, shuffle: bool,
+                 seed: int = 0, pad_id: int = BPETokenizer.pad_id,
+                 bos_id: int = BPETokenizer.bos_id, eos_id: int = BPETokenizer.eos_id,
+                 position: Callable[[], int] | None = None):
         self.src, self.tgt, self.position = src, tgt, position
         self.lengths = np.array([max(len(s), len(t) + 1) for s, t in zip(src, tgt, strict=True)])
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
@@ -142,7 +149,8 @@ class PairBatches(IterableDataset):
     def _batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng(self.seed + self.epoch) if self.shuffle else None
         batches = token_batches(self.lengths, self.max_tokens, rng)
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
+        # every rank takes the same number of batches: the remainder is left out of this epoch
+        usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank:usable:self.world_size]
 
     def __len__(self) -> int:
@@ -184,11 +192,12 @@ class TranslationDataModule(L.LightningDataModule):
             none.
     """
 
-    def __init__(self, source: str = "bentrevett/multi30k", src_lang: str = "de", tgt_lang: str = "en",
-                 vocab_size: int = 8000, max_len: int = 128, max_tokens: int = 3000, seed: int = 0,
-                 dev_size: int = 0):
+    def __init__(self, source: str = "bentrevett/multi30k", src_lang: str = "de",
+                 tgt_lang: str = "en", vocab_size: int = 8000, max_len: int = 128,
+                 max_tokens: int = 3000, seed: int = 0, dev_size: int = 0):
         super().__init__()
-        if not re.fullmatch(r"[\w-]+", src_lang) or not re.fullmatch(r"[\w-]+", tgt_lang) or src_lang == tgt_lang:
+        languages_ok = all(re.fullmatch(r"[\w-]+", lang) for lang in (src_lang, tgt_lang))
+        if not languages_ok or src_lang == tgt_lang:
             raise ValueError("src_lang and tgt_lang must be two different language keys, got "
                              f"{src_lang!r}, {tgt_lang!r}")
         if max_tokens < max_len:
@@ -232,13 +241,15 @@ class TranslationDataModule(L.LightningDataModule):
             src, tgt = self.tokenizer.encode_batch(sources), self.tokenizer.encode_batch(targets)
             keep = [i for i in range(len(src)) if len(src[i]) <= limit and len(tgt[i]) + 1 <= limit]
             if len(keep) < len(src):
-                rank_zero_info(f"{split}: dropped {len(src) - len(keep)} of {len(src)} pairs longer "
-                               f"than max_len ({limit} tokens)")
+                dropped = len(src) - len(keep)
+                rank_zero_info(f"{split}: dropped {dropped} of {len(src)} pairs longer than "
+                               f"max_len ({limit} tokens)")
             out[split] = ([src[i] for i in keep], [tgt[i] for i in keep])
         return out
 
     def _dataset(self, split: str, shuffle: bool) -> PairBatches:
-        data = PairBatches(*self.ids[split], self.hparams.max_tokens, shuffle, seed=self.hparams.seed)
+        data = PairBatches(*self.ids[split], self.hparams.max_tokens, shuffle,
+                           seed=self.hparams.seed)
         if self.trainer is not None:
             data.rank, data.world_size = self.trainer.global_rank, self.trainer.world_size
             if shuffle:

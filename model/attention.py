@@ -77,9 +77,9 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
         raise ValueError("attn_impl='flash' takes causal or unmasked attention only, not a key "
                          "padding mask (flash kernels do not take arbitrary masks); use "
                          "attn_impl='sdpa' for padded batches")
-    if _use_flash_attn_package(q):  # its layout is (B, T, nh, hs); its causal mask is bottom-right aligned too
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                            causal=causal)
+    if _use_flash_attn_package(q):  # its layout is (B, T, nh, hs); its causal mask is bottom-right
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            dropout_p=dropout_p, causal=causal)
         return y.transpose(1, 2)
     if dropout_p > 0 and q.device.type == "cpu":
         raise ValueError("PyTorch's flash kernel on CPU has no attention dropout: set the model's "
@@ -93,7 +93,8 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p):
         mask, is_causal = causal_lower_right(T_q, T_k), False
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal)
     except RuntimeError as e:
         raise ValueError(f"PyTorch's flash kernel cannot serve this call ({q.dtype} on "
                          f"{q.device.type}, head size {q.size(-1)}, T_q {T_q}, T_k {T_k}): "
@@ -109,7 +110,8 @@ def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p):
 
 
 # attn_impl -> kernel(q, k, v, *, causal, key_mask, dropout_p) -> (B, nh, T_q, hs)
-ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel, "tiled": _tiled_kernel}
+ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel,
+                     "tiled": _tiled_kernel}
 
 
 class KVCache:
@@ -176,7 +178,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
-        self.capture: Callable[[Tensor], None] | None = None  # set by capture_attention: receives the weights
+        self.capture: Callable[[Tensor], None] | None = None  # capture_attention's: gets weights
 
     def _split_heads(self, t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
         B, T, C = t.shape
@@ -200,12 +202,14 @@ class MultiHeadAttention(nn.Module):
             elif context is None:
                 raise ValueError("cross-attention needs a context (the sequence to attend to)")
             else:
-                k, v = map(self._split_heads, self.kv_proj(context).split(C, dim=2))  # (B, nh, T_k, hs)
+                kv = self.kv_proj(context).split(C, dim=2)
+                k, v = map(self._split_heads, kv)  # (B, nh, T_k, hs)
                 if kv_cache is not None:
                     kv_cache.append(k, v)
         else:
             if context is not None:
-                raise ValueError("self-attention takes no context; build the module with cross=True")
+                raise ValueError("self-attention takes no context; build the module with "
+                                 "cross=True")
             q, k, v = map(self._split_heads, self.qkv_proj(x).split(C, dim=2))  # (B, nh, T_q, hs)
             if kv_cache is not None:
                 k, v = kv_cache.append(k, v)  # (B, nh, T_past + T_q, hs)

@@ -27,9 +27,9 @@ def check_config(config, positive: tuple[str, ...]) -> None:
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     if config.attn_impl == "auto":
-        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in code, "
-                         f"choose one of {sorted(ATTENTION_KERNELS)} (model.device.choose_attn_impl "
-                         "picks as train.py does)")
+        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in "
+                         f"code, choose one of {sorted(ATTENTION_KERNELS)} "
+                         f"(model.device.choose_attn_impl picks as train.py does)")
     if config.attn_impl not in ATTENTION_KERNELS:
         raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of "
                          f"{sorted(ATTENTION_KERNELS)}")
@@ -73,14 +73,16 @@ class Block(nn.Module):
     ``model.attention.ATTENTION_KERNELS``.
     """
 
-    def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True, attn_impl: str = "sdpa",
-                 causal: bool, cross: bool = False, mlp_hidden: int | None = None):
+    def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
+                 attn_impl: str = "sdpa", causal: bool, cross: bool = False,
+                 mlp_hidden: int | None = None):
         super().__init__()
         attn_args = dict(dropout=dropout, bias=bias, attn_impl=attn_impl)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, **attn_args)
         self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
-        self.cross_attn = MultiHeadAttention(n_embd, n_head, cross=True, **attn_args) if cross else None
+        self.cross_attn = (MultiHeadAttention(n_embd, n_head, cross=True, **attn_args) if cross
+                           else None)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, dropout, bias)
 
@@ -92,5 +94,6 @@ class Block(nn.Module):
         projected keys and values, filled on the first call and reused after)."""
         x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.ln_cross(x), context, key_mask=context_mask, kv_cache=context_cache)
+            x = x + self.cross_attn(self.ln_cross(x), context, key_mask=context_mask,
+                                    kv_cache=context_cache)
         return x + self.mlp(self.ln_2(x))

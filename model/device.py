@@ -71,8 +71,9 @@ def slow_precision_warning(info: DeviceInfo, precision: str) -> str | None:
     if info.type == "cpu" and not info.bf16 and str(precision).startswith(("bf16", "16")):
         kind = "bf16" if str(precision).startswith("bf16") else "fp16"
         return (f"precision {precision} on this CPU ({info.name}) is emulated: it has no native "
-                f"{kind} instructions (bf16-mixed ran ~13x slower than 32-true on an AVX2 CPU). Use "
-                "--trainer.precision auto (32-true here) unless you are testing precision itself")
+                f"{kind} instructions (bf16-mixed ran ~13x slower than 32-true on an AVX2 CPU). "
+                "Use --trainer.precision auto (32-true here) unless you are testing precision "
+                "itself")
     if info.type == "cuda" and not info.bf16 and str(precision).startswith("bf16"):
         return (f"{info.name} has no native bf16: {precision} is slow or unsupported there; use "
                 f"--trainer.precision auto (16-mixed here)")

@@ -37,8 +37,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
-                                          attn_impl=config.attn_impl, causal=True) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
+                  attn_impl=config.attn_impl, causal=True)
+            for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
@@ -58,7 +60,8 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_caches: list[KVCache] | None = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                kv_caches: list[KVCache] | None = None):
         """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore); kv_caches: one per
         block, holding the earlier tokens of the sequences (generation), which idx continues.
 
@@ -125,8 +128,9 @@ class GPT(nn.Module):
             seq = torch.cat([seq, next_tokens[:, None]], dim=1)
             yield next_tokens, logits
 
-    def stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, stop: Iterable[int] | None = None, use_cache: bool = True,
+    def stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None,
+               stop: Iterable[int] | None = None, use_cache: bool = True,
                generator: torch.Generator | None = None) -> Iterator[Tensor]:
         """Sample continuations of idx (B, T), yielding each step's new tokens (B, 1) as they come.
 
@@ -134,15 +138,15 @@ class GPT(nn.Module):
         probability reaches p. stop: token ids; a row that produced one repeats it until every row
         has, and then generation ends. Call model.eval() first (dropout would be on otherwise).
         """
-        check_sampling_args(temperature, top_k, top_p)  # here, not at the first step: bad input fails at once
+        check_sampling_args(temperature, top_k, top_p)  # now: bad input fails before any step
         stop_ids = torch.tensor(sorted(set(stop or ())), dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
 
-        def pick(logits):
+        def pick(logits):  # (B, vocab) -> (B,): _decode's choice of each step's tokens
             nonlocal finished
             tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            if len(stop_ids):
-                tokens = torch.where(finished, stop_ids[0], tokens)  # finished rows repeat a stop token
+            if len(stop_ids):  # a row that has stopped repeats a stop token, whatever was drawn
+                tokens = torch.where(finished, stop_ids[0], tokens)
                 finished = finished | torch.isin(tokens, stop_ids)
             return tokens
 
@@ -154,9 +158,11 @@ class GPT(nn.Module):
 
         return steps()
 
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, stop: Iterable[int] | None = None, use_cache: bool = True,
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 stop: Iterable[int] | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens; see ``stream``."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop, use_cache, generator))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop, use_cache,
+                               generator))
         return torch.cat([idx, *new], dim=1)

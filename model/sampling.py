@@ -31,8 +31,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """(B, vocab) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(-1)

@@ -73,21 +73,30 @@ def beam_search(model: Seq2SeqTransformer, src: Tensor, beam_size: int = 4, alph
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
     c, (B, S), K = model.config, src.shape, beam_size
     steps = _max_new_tokens(model, src, max_new_tokens)
+    # The K hypotheses of sentence b live in rows b*K .. b*K + K-1 of one (B*K, ...) batch, so
+    # that one decoder call extends all of them. The encoder runs once; its output is repeated.
     memory, src_mask = model.encode(src)
-    memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, C): row b*K + k
+    memory = memory.repeat_interleave(K, 0)  # (B*K, S, C)
+    src_mask = src_mask.repeat_interleave(K, 0)  # (B*K, S)
     cache = model.new_cache(S) if use_cache else None
     tokens = torch.full((B * K, 1), c.bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(B * K, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, K, device=src.device)  # summed log-probabilities of each hypothesis
     scores[:, 1:] = float("-inf")  # all beams start as the same hypothesis: keep one copy
     for _ in range(steps):
-        logp = F.log_softmax(_step_logits(model, tokens, memory, src_mask, cache), dim=-1)  # (B*K, V)
+        # 1. Log-probabilities of every next token for every hypothesis: (B*K, V). A finished
+        #    hypothesis may only go on with padding, at no cost, so it competes with its score.
+        logp = F.log_softmax(_step_logits(model, tokens, memory, src_mask, cache), dim=-1)
         logp[finished] = float("-inf")
-        logp[finished, c.pad_id] = 0.0  # a finished hypothesis goes on with padding, its score unchanged
+        logp[finished, c.pad_id] = 0.0
+        # 2. Each sentence has K * V candidate extensions (hypothesis k, then token v), scored
+        #    by the hypothesis' score plus the token's log-probability: keep the K best.
         V = logp.size(-1)
         candidates = (scores.view(B * K, 1) + logp).view(B, K * V)
-        scores, index = candidates.topk(K, dim=-1)  # (B, K) best extensions over all beams of a sentence
-        rows = (torch.arange(B, device=src.device)[:, None] * K + index // V).view(-1)  # their parent rows
+        scores, index = candidates.topk(K, dim=-1)  # (B, K)
+        # 3. Candidate index i is hypothesis i // V extended by token i % V: gather the parent
+        #    rows (their tokens, their finished flags and their cached keys) and append the token.
+        rows = (torch.arange(B, device=src.device)[:, None] * K + index // V).view(-1)  # (B*K,)
         next_tokens = (index % V).view(-1)
         tokens = torch.cat([tokens[rows], next_tokens[:, None]], dim=1)
         finished = finished[rows] | (next_tokens == c.eos_id)
@@ -95,10 +104,12 @@ def beam_search(model: Seq2SeqTransformer, src: Tensor, beam_size: int = 4, alph
             cache.reorder(rows)
         if finished.all():
             break
+    # 4. Rank each sentence's K hypotheses by score / length penalty (the length counts eos;
+    #    a hypothesis that never ended counts its tokens) and keep the best.
     generated = tokens[:, 1:]
     is_eos = generated == c.eos_id
     ended = is_eos.any(1)
-    lengths = torch.where(ended, is_eos.float().argmax(1) + 1, (generated != c.pad_id).sum(1))  # eos counts
+    lengths = torch.where(ended, is_eos.float().argmax(1) + 1, (generated != c.pad_id).sum(1))
     final = scores.view(-1) / length_penalty(lengths.float(), alpha)
     best = final.view(B, K).argmax(-1) + torch.arange(B, device=src.device) * K
     return _strip(generated[best], c.eos_id)

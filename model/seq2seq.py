@@ -25,7 +25,7 @@ from .block import Block, check_config, init_weights
 
 @dataclass
 class Seq2SeqConfig:
-    vocab_size: int = 8000  # the joint source + target vocabulary; the data module sets it from its tokenizer
+    vocab_size: int = 8000  # joint source + target vocabulary; the data module sets it (tokenizer)
     max_len: int = 128  # longest source, and longest target with bos or eos, in tokens
     n_encoder_layer: int = 3
     n_decoder_layer: int = 3
@@ -34,16 +34,17 @@ class Seq2SeqConfig:
     mlp_hidden: int = 1024  # width of each block's MLP
     dropout: float = 0.1
     bias: bool = True
-    attn_impl: str = "sdpa"  # "naive", "sdpa" or "tiled": padded batches need key masks, which "flash" cannot take
+    # "naive", "sdpa" or "tiled": padded batches need key masks, which "flash" cannot take
+    attn_impl: str = "sdpa"
     label_smoothing: float = 0.1
-    init_std: float = 0.02  # std of the initial weights (GPT-2's 0.02); see model/block.py:init_weights
+    init_std: float = 0.02  # std of the initial weights (GPT-2's); see block.py:init_weights
     pad_id: int = 0  # special token ids, fixed by the tokenizer (data.BPETokenizer)
     bos_id: int = 1
     eos_id: int = 2
 
     def __post_init__(self):
-        check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer", "n_head",
-                                     "n_embd", "mlp_hidden"))
+        check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer",
+                                     "n_head", "n_embd", "mlp_hidden"))
         if self.attn_impl == "flash":
             raise ValueError("Seq2SeqConfig.attn_impl 'flash' cannot take the source padding mask; "
                              "use 'sdpa' (which runs a fused kernel where it can), 'naive' or "
@@ -83,11 +84,13 @@ class Seq2SeqTransformer(nn.Module):
         self.enc_pos = nn.Embedding(c.max_len, c.n_embd)  # learned positions, one table per side
         self.dec_pos = nn.Embedding(c.max_len, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        block_args = dict(dropout=c.dropout, bias=c.bias, attn_impl=c.attn_impl, mlp_hidden=c.mlp_hidden)
+        block_args = dict(dropout=c.dropout, bias=c.bias, attn_impl=c.attn_impl,
+                          mlp_hidden=c.mlp_hidden)
         self.encoder = nn.ModuleList(Block(c.n_embd, c.n_head, causal=False, **block_args)
                                      for _ in range(c.n_encoder_layer))
-        self.decoder = nn.ModuleList(Block(c.n_embd, c.n_head, causal=True, cross=True, **block_args)
-                                     for _ in range(c.n_decoder_layer))
+        self.decoder = nn.ModuleList(
+            Block(c.n_embd, c.n_head, causal=True, cross=True, **block_args)
+            for _ in range(c.n_decoder_layer))
         self.ln_enc = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.ln_dec = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -105,9 +108,10 @@ class Seq2SeqTransformer(nn.Module):
         return 6 * (encoder * src_tokens + decoder * tgt_tokens)
 
     @cached_property
-    def _weights_per_side(self) -> tuple[int, int]:  # counted once: flops_per_batch is called every step
+    def _weights_per_side(self) -> tuple[int, int]:  # counted once: flops_per_batch runs each step
         encoder = sum(p.numel() for p in self.encoder.parameters())
-        return encoder, sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
+        decoder = sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
+        return encoder, decoder
 
     def _embed(self, ids: Tensor, pos_emb: nn.Embedding, start: int, what: str) -> Tensor:
         if ids.dim() != 2:
@@ -130,23 +134,26 @@ class Seq2SeqTransformer(nn.Module):
     def new_cache(self, src_len: int) -> DecoderCache:
         return DecoderCache(self.config.n_decoder_layer, self.config.max_len, src_len)
 
-    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None) -> Tensor:
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
+               cache: DecoderCache | None = None) -> Tensor:
         """tgt (B, T) target ids (after bos) -> logits (B, T, vocab_size). With a cache, tgt
         continues the tokens the cache has seen (decoding feeds one token per step)."""
         past = cache.length if cache is not None else 0
         x = self._embed(tgt, self.dec_pos, past, "the target")
         for i, block in enumerate(self.decoder):
-            x = block(x, kv_cache=cache.self_attn[i] if cache else None, context=memory, context_mask=src_mask,
-                      context_cache=cache.cross_attn[i] if cache else None)
+            x = block(x, kv_cache=cache.self_attn[i] if cache else None, context=memory,
+                      context_mask=src_mask, context_cache=cache.cross_attn[i] if cache else None)
         return self.lm_head(self.ln_dec(x))
 
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
         """Teacher forcing: logits (B, T, vocab_size) for every target position, and with tgt_out
         the label-smoothed cross-entropy averaged over its non-pad tokens."""
         memory, src_mask = self.encode(src)
         logits = self.decode(tgt_in, memory, src_mask)
         loss = None
         if tgt_out is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=self.config.pad_id,
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(),
+                                   ignore_index=self.config.pad_id,
                                    label_smoothing=self.config.label_smoothing)
         return logits, loss

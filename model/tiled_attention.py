@@ -37,8 +37,8 @@ def _tiles(n: int, size: int):
 
 
 def _visible_key_tiles(i1: int, T_q: int, T_k: int, causal: bool, tile: int):
-    """Key tiles that queries < i1 may see: with a causal mask, none past key i1 - 1 + (T_k -
-    T_q)."""
+    """Key tiles that queries < i1 may see: with a causal mask, none past key
+    i1 - 1 + (T_k - T_q)."""
     end = min(T_k, i1 + T_k - T_q) if causal else T_k
     return _tiles(max(end, 0), tile)
 
@@ -56,14 +56,16 @@ class TiledAttention(torch.autograd.Function):
         out = torch.zeros(B, nh, T_q, hs, device=q.device, dtype=torch.float32)
         lse = torch.full((B, nh, T_q), NEG_INF, device=q.device, dtype=torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            for i0, i1 in _tiles(T_q, tile):
+            for i0, i1 in _tiles(T_q, tile):  # one tile of queries at a time...
                 q_tile = q[:, :, i0:i1].float()
                 m = torch.full((B, nh, i1 - i0), NEG_INF, device=q.device)  # running row maximum
                 l = torch.zeros(B, nh, i1 - i0, device=q.device)  # running softmax normaliser
-                acc = torch.zeros(B, nh, i1 - i0, hs, device=q.device)  # running unnormalised output
-                for j0, j1 in _visible_key_tiles(i1, T_q, T_k, causal, tile):
-                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1), slice(j0, j1))
+                acc = torch.zeros(B, nh, i1 - i0, hs, device=q.device)  # unnormalised output
+                for j0, j1 in _visible_key_tiles(i1, T_q, T_k, causal, tile):  # ...over key tiles
+                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1),
+                                      slice(j0, j1))
                     s = _scores(q_tile, k[:, :, j0:j1].float(), scale, mask)
+                    # a larger maximum shrinks everything summed so far by exp(m - m_new)
                     m_new = torch.maximum(m, s.amax(-1))
                     m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)  # rows that saw no key yet
                     p = torch.exp(s - m_safe[..., None])
@@ -71,10 +73,12 @@ class TiledAttention(torch.autograd.Function):
                     l = rescale * l + p.sum(-1)
                     acc = rescale[..., None] * acc + p @ v[:, :, j0:j1].float()
                     m = m_new
+                # normalise once at the end; keep log-sum-exp per row for the backward pass
                 seen = l > 0  # a row that may see no key keeps out = 0 and lse = -inf
-                out[:, :, i0:i1] = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
-                lse[:, :, i0:i1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), NEG_INF)
-        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+                l_safe = l.clamp_min(1e-30)
+                out[:, :, i0:i1] = torch.where(seen[..., None], acc / l_safe[..., None], 0.0)
+                lse[:, :, i0:i1] = torch.where(seen, m + torch.log(l_safe), NEG_INF)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)  # no (T_q, T_k) matrix is kept
         ctx.causal, ctx.tile = causal, tile
         return out.to(q.dtype)
 
@@ -88,22 +92,29 @@ class TiledAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, dtype=torch.float32)
         with torch.autocast(q.device.type, enabled=False):
             d_out = d_out.float()
-            delta = (d_out * out).sum(-1)  # (B, nh, T_q): rowsum(do ∘ out)
-            lse = lse.masked_fill(lse == NEG_INF, 0.0)  # such rows have all scores -inf: p = 0 anyway
+            # The softmax's gradient needs, per query row, the sum over keys of p * dp, which is
+            # rowsum(do * out) (out = p v): computed once here, it spares a first pass over keys.
+            delta = (d_out * out).sum(-1)  # (B, nh, T_q)
+            lse = lse.masked_fill(lse == NEG_INF, 0.0)  # those rows' scores are all -inf: p = 0
             for i0, i1 in _tiles(T_q, tile):
                 q_tile, do_tile = q[:, :, i0:i1].float(), d_out[:, :, i0:i1]
                 for j0, j1 in _visible_key_tiles(i1, T_q, T_k, causal, tile):
                     k_tile, v_tile = k[:, :, j0:j1].float(), v[:, :, j0:j1].float()
-                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1), slice(j0, j1))
+                    mask = build_mask(T_q, T_k, causal, key_mask, q.device, slice(i0, i1),
+                                      slice(j0, j1))
+                    # 1. recompute this tile's probabilities exactly: p = exp(s - lse)
                     p = torch.exp(_scores(q_tile, k_tile, scale, mask) - lse[:, :, i0:i1, None])
+                    # 2. out = p v, so the values' gradient collects pᵀ do from every query tile
                     dv[:, :, j0:j1] += p.transpose(-2, -1) @ do_tile
+                    # 3. through the softmax: ds = p * (dp - delta), with dp = do vᵀ
                     ds = p * (do_tile @ v_tile.transpose(-2, -1) - delta[:, :, i0:i1, None])
+                    # 4. through s = q kᵀ * scale: to the queries and to the keys
                     dq[:, :, i0:i1] += (ds @ k_tile) * scale
                     dk[:, :, j0:j1] += (ds.transpose(-2, -1) @ q_tile) * scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def tiled_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, key_mask: Tensor | None = None,
-                    tile: int = 128) -> Tensor:
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                    key_mask: Tensor | None = None, tile: int = 128) -> Tensor:
     """Attention on (B, nh, T, hs) tensors, ``tile`` queries x ``tile`` keys at a time."""
     return TiledAttention.apply(q, k, v, causal, key_mask, tile)

@@ -62,5 +62,6 @@ def bleu_signature() -> str:
     """sacreBLEU's signature of the cased score (one reference), which says how the scores were
     computed: quote it beside them. The lowercase score's differs only in ``case:lc``."""
     metric = BLEU()
-    metric.corpus_score(["a"], [["a"]])  # the signature needs the number of references, known after a score
+    # the signature names the number of references, known only once a score was computed
+    metric.corpus_score(["a"], [["a"]])
     return str(metric.get_signature())

@@ -41,7 +41,8 @@ def pick_device(name: str) -> str:
     from model.device import resolve_device
 
     device_type = resolve_device(name)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if not available[device_type]:
         raise UsageError(f"--device {name}: there is no {device_type} device here; use --device "
                          "auto (or cpu)")

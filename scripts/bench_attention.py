@@ -32,21 +32,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--paths", nargs="+", default=list(ATTENTION_KERNELS), choices=list(ATTENTION_KERNELS))
+    p.add_argument("--paths", nargs="+", default=list(ATTENTION_KERNELS),
+                   choices=list(ATTENTION_KERNELS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     add_device_argument(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="skip a run whose T x T matrices alone would need more than this")
     p.add_argument("--plot", default="bench_attention.png", help="PNG to write ('' for none)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--measure-memory", nargs=2, metavar=("PATH", "T"), help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--measure-memory", nargs=2, metavar=("PATH", "T"),  # a child process's mode
+                   help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -83,7 +86,8 @@ def time_ms(args, path: str, T: int) -> float:
 
 
 def _rss_bytes(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    status = Path("/proc/self/status").read_text().splitlines()
+    line = next(x for x in status if x.startswith(field))
     return int(line.split()[1]) * 1024
 
 
@@ -97,7 +101,7 @@ def peak_mib_here(args, path: str, T: int) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    fwd_bwd(args, path, min(T, 64))()  # one-time allocations (thread pools, autograd engine) happen here
+    fwd_bwd(args, path, min(T, 64))()  # one-time allocations (thread pools, autograd) happen here
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident size
     base = _rss_bytes("VmRSS:")
     run()
@@ -115,7 +119,8 @@ def peak_mib(args, argv, path: str, T: int) -> float:
 def too_big(args, path: str, T: int) -> bool:
     """Only the reference holds T x T matrices (scores, weights and their gradients: about 4)."""
     itemsize = torch.finfo(DTYPES[args.dtype]).bits // 8
-    return path == "naive" and 4 * args.batch * args.heads * T * T * itemsize > args.max_memory_gb * 2**30
+    scores_bytes = 4 * args.batch * args.heads * T * T * itemsize
+    return path == "naive" and scores_bytes > args.max_memory_gb * 2**30
 
 
 def markdown(results, paths, seq_lens, key, unit, fmt) -> str:
@@ -183,7 +188,8 @@ def main(argv=None):
             if too_big(args, path, T):
                 continue
             try:
-                results[(path, T)] = {"ms": time_ms(args, path, T), "mib": peak_mib(args, argv, path, T)}
+                results[(path, T)] = {"ms": time_ms(args, path, T),
+                                      "mib": peak_mib(args, argv, path, T)}
             except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
                 print(f"{path} at T={T}: skipped ({str(e).splitlines()[0][:120]})")
     print(markdown(results, args.paths, args.seq_lens, "ms", "ms", "{:.1f}"))

@@ -35,8 +35,9 @@ def build_model(args) -> GPT:
             config = yaml.safe_load(f)
         shape = {**config["model"]["config"], "block_size": config["data"]["block_size"],
                  "vocab_size": args.vocab_size, "dropout": 0.0}
-        if shape.get("attn_impl") == "auto":  # as train.py would pick it here; decoding runs in fp32
-            shape["attn_impl"] = choose_attn_impl(device_info(args.device), "32-true", seq_len=shape["block_size"])
+        if shape.get("attn_impl") == "auto":  # as train.py would pick it here; decoding is fp32
+            shape["attn_impl"] = choose_attn_impl(device_info(args.device), "32-true",
+                                                  seq_len=shape["block_size"])
         torch.manual_seed(0)
         model = GPT(GPTConfig(**shape))
     if args.attn_impl:
@@ -62,14 +63,19 @@ def main(argv=None):
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
                    help="model shape to build")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of --config")
-    p.add_argument("--vocab-size", type=int, default=65, help="with --config (65: Tiny Shakespeare characters)")
-    p.add_argument("--attn-impl", default=None, choices=list(ATTENTION_KERNELS), help="override the model's")
-    p.add_argument("--contexts", nargs="+", type=int, default=None, help="prompt lengths (default: 1 .. block_size)")
+    p.add_argument("--vocab-size", type=int, default=65,
+                   help="with --config (65: Tiny Shakespeare characters)")
+    p.add_argument("--attn-impl", default=None, choices=list(ATTENTION_KERNELS),
+                   help="override the model's")
+    p.add_argument("--contexts", nargs="+", type=int, default=None,
+                   help="prompt lengths (default: 1 .. block_size)")
     p.add_argument("--new-tokens", type=int, default=500)
-    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (rows generated together)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1],
+                   help="batch sizes (rows generated together)")
     p.add_argument("--repeats", type=int, default=3)
     add_device_argument(p)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     if args.threads:
@@ -77,7 +83,8 @@ def main(argv=None):
     model = build_model(args)
     block = model.config.block_size
     contexts = args.contexts or sorted({1, block // 4, block // 2, block})
-    print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, block_size {block}, "
+    print(f"{args.ckpt or args.config}: {model.num_params() / 1e6:.2f}M params, "
+          f"block_size {block}, "
           f"attn_impl {model.blocks[0].attn.attn_impl}, {args.new_tokens} new tokens, "
           f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of "
           f"{args.repeats}\n")

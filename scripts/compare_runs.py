@@ -28,7 +28,8 @@ import yaml
 
 from scripts._common import UsageError, exit_code
 
-IGNORED = {"run_dir", "run_id", "run_name", "run.id", "run.name", "ckpt_path"}  # differ between any two runs
+# settings that differ between any two runs
+IGNORED = {"run_dir", "run_id", "run_name", "run.id", "run.name", "ckpt_path"}
 FINAL = ["final/bleu", "final/bleu_lc"]  # seq2seq: the beam-search BLEU at the end of training
 
 
@@ -129,7 +130,8 @@ def read_wandb_offline(path: Path) -> Run:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             name = record.run.display_name or name
-            config.update({_item_key(i): json.loads(i.value_json) for i in record.run.config.update})
+            config.update({_item_key(i): json.loads(i.value_json)
+                           for i in record.run.config.update})
         elif kind == "config":
             config.update({_item_key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
@@ -194,7 +196,9 @@ def differing(runs: list[Run], all_settings: bool = False) -> list[str]:
     keys = {k for run in runs for k in run.config if k not in IGNORED}
     if not all_settings:
         keys = {k for k in keys if all(k in run.config for run in runs)}
-    return [k for k in sorted(keys) if len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1]
+    def values(key):
+        return {json.dumps(run.config.get(key), default=str) for run in runs}
+    return [k for k in sorted(keys) if len(values(k)) > 1]
 
 
 def _format(value) -> str:
@@ -209,19 +213,23 @@ def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
     """A Markdown table: one row per run, the differing settings, then steps, time and metrics."""
     settings = differing(runs, all_settings)
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
-    header = ["run", *settings, "last step", "time (min)", f"best {metric}", f"final {metric}", "final train/loss",
-              *finals]
+    header = ["run", *settings, "last step", "time (min)", f"best {metric}", f"final {metric}",
+              "final train/loss", *finals]
     rows = []
     for run in runs:
         points = run.series(metric)
-        steps = max((step for key in ("train/loss", metric) for step in run.history.get(key, {})), default=None)
+        steps = max((step for key in ("train/loss", metric) for step in run.history.get(key, {})),
+                    default=None)
         time = run.last("val/wall_time_s")
         rows.append([run.name, *(run.config.get(k) for k in settings), steps,
-                     time / 60 if time is not None else None, min((v for _, v in points), default=None),
-                     points[-1][1] if points else None, run.last("train/loss"), *(run.last(k) for k in finals)])
+                     time / 60 if time is not None else None,
+                     min((v for _, v in points), default=None),
+                     points[-1][1] if points else None, run.last("train/loss"),
+                     *(run.last(k) for k in finals)])
     cells = [header] + [[_format(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -243,7 +251,8 @@ def plot(runs: list[Run], metric: str, path: str) -> None:
         times = run.history.get("val/wall_time_s", {})
         timed = [(times[s] / 60, v) for s, v in points if s in times]
         if timed:
-            by_time.plot(*zip(*timed, strict=True), marker=".", color=line.get_color(), label=run.name)
+            by_time.plot(*zip(*timed, strict=True), marker=".", color=line.get_color(),
+                         label=run.name)
     for axis, xlabel in ((by_step, "step"), (by_time, "wall time (min)")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel(metric)
@@ -258,11 +267,12 @@ def plot(runs: list[Run], metric: str, path: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="run folders, metrics.csv files or offline wandb runs")
-    p.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="also compare runs of this wandb project")
-    p.add_argument("--filters", default=None, help="with --wandb: a JSON filter, e.g. '{\"state\": "
-                                                   "\"finished\"}'")
-    p.add_argument("--limit", type=int, default=20, help="with --wandb: at most this many runs, "
-                                                         "newest first")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
+                   help="also compare runs of this wandb project")
+    p.add_argument("--filters", default=None,
+                   help="with --wandb: a JSON filter, e.g. '{\"state\": \"finished\"}'")
+    p.add_argument("--limit", type=int, default=20,
+                   help="with --wandb: at most this many runs, newest first")
     p.add_argument("--metric", default="val/loss", help="the metric to rank and plot")
     p.add_argument("--plot", default="compare_runs.png", help="where to write the PNG")
     p.add_argument("--all-settings", action="store_true",

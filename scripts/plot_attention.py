@@ -112,17 +112,18 @@ def plot(maps, rows: list[str], cols: list[str], path: str, title: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (GPT or seq2seq)")
+    p.add_argument("--ckpt", required=True,
+                   help="a checkpoint written by train.py (GPT or seq2seq)")
     p.add_argument("--text", required=True, help="GPT: the prompt; seq2seq: the source sentence")
-    p.add_argument("--layer", type=int, default=None, help="the layer whose heads to plot (default: "
-                                                           "the last)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="the layer whose heads to plot (default: the last)")
     p.add_argument("--head", type=int, default=None, help="plot this head in every layer instead")
     p.add_argument("--average", action="store_true", help="plot the mean of the layer's heads")
     p.add_argument("--attention", choices=["cross", "self"], default="cross",
                    help="seq2seq: the decoder's cross-attention (default) or its causal "
                         "self-attention")
-    p.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the translation (1 = "
-                                                       "greedy)")
+    p.add_argument("--beam", type=int, default=4,
+                   help="seq2seq: beam size of the translation (1 = greedy)")
     p.add_argument("--out", default="attention.png", help="where to write the PNG")
     add_device_argument(p)
     return p.parse_args(argv)
@@ -139,8 +140,10 @@ def main(argv=None):
     else:
         layers, rows, cols = seq2seq_maps(model, tokenizer, args.text, args.attention, args.beam)
         rows_are = "rows: the decoder's input tokens, each predicting the next"
-        title = (f"decoder cross-attention ({rows_are}; columns: source tokens)" if args.attention == "cross"
-                 else f"decoder causal self-attention ({rows_are}; columns: keys)")
+        if args.attention == "cross":
+            title = f"decoder cross-attention ({rows_are}; columns: source tokens)"
+        else:
+            title = f"decoder causal self-attention ({rows_are}; columns: keys)"
     plot(select(layers, args.layer, args.head, args.average), rows, cols, args.out, title)
     print(f"wrote {args.out}")
 

@@ -18,8 +18,9 @@ from scripts._common import exit_code
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="what --data.source would be: a file, glob, folder, hub id, or "
-                                  "tiny_shakespeare")
+    p.add_argument("source",
+                   help="what --data.source would be: a file, glob, folder, hub id, or "
+                        "tiny_shakespeare")
     p.add_argument("--tokenizer", default="char", help="char or gpt2")
     # each option also in train.py's spelling (--text_column), which this script once took
     p.add_argument("--text-column", "--text_column", default="text",

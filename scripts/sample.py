@@ -12,6 +12,7 @@ block_size the context is cropped to its last half (see GPT._decode).
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
@@ -69,12 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--stop", action="append", default=[], help="end a sample at this text (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end a sample at this text (repeatable)")
     p.add_argument("--seed", type=int, default=1337)
     add_device_argument(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every "
-                                                           "step")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context at every step")
     return p.parse_args(argv)
 
 
@@ -97,7 +99,7 @@ def main(argv=None):
         generator = torch.Generator(args.device).manual_seed(args.seed + i)
         if args.stream:
             print(head, end="", flush=True)
-            sample(model, tokenizer, ids, args, generator, echo=lambda t: print(t, end="", flush=True))
+            sample(model, tokenizer, ids, args, generator, echo=partial(print, end="", flush=True))
             print("\n---------------", flush=True)
         else:
             print(head + sample(model, tokenizer, ids, args, generator) + "\n---------------")

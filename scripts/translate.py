@@ -3,7 +3,7 @@
     python scripts/translate.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt \
         --text "Ein Hund rennt."
     python scripts/translate.py --ckpt model.ckpt --file sentences.de > sentences.en  # one per line
-    cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1         # stdin, greedy
+    cat sentences.de | python scripts/translate.py --ckpt model.ckpt --beam 1   # stdin, greedy
     python scripts/translate.py --ckpt model.ckpt --eval val.de.gz val.en.gz --output hyps.en
 
 The checkpoint alone is enough: it holds the model's config and its BPE vocabulary. Beam search
@@ -26,7 +26,8 @@ from scripts._common import UsageError, add_device_argument, exit_code, pick_dev
 
 def read_lines(path: str) -> list[str]:
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
@@ -39,11 +40,14 @@ def parse_args(argv=None):
     source.add_argument("--text", default=None, help="one sentence to translate")
     source.add_argument("--file", default=None, help="a file of sentences, one per line")
     source.add_argument("--eval", nargs=2, metavar=("SRC", "REF"), default=None,
-                        help="translate SRC and score it against REF (aligned lines) with sacreBLEU")
+                        help="translate SRC and score it against REF (aligned lines) with "
+                             "sacreBLEU")
     p.add_argument("--output", default=None, help="with --eval: also write the translations here")
     p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="alpha of GNMT's length penalty")
-    p.add_argument("--max-tokens", type=int, default=4000, help="source tokens per batch (x beam in the decoder)")
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="alpha of GNMT's length penalty")
+    p.add_argument("--max-tokens", type=int, default=4000,
+                   help="source tokens per batch (x beam in the decoder)")
     add_device_argument(p)
     return p.parse_args(argv)
 
@@ -68,7 +72,8 @@ def main(argv=None):
         sources = read_lines(args.file) if args.file else [line.rstrip("\n") for line in sys.stdin]
 
     start = time.perf_counter()
-    hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty, args.max_tokens)
+    hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty,
+                           args.max_tokens)
     seconds = time.perf_counter() - start
 
     if not args.eval:
@@ -78,7 +83,8 @@ def main(argv=None):
         with open(args.output, "w", encoding="utf-8") as f:
             f.write("\n".join(hypotheses) + "\n")
     scores = bleu(hypotheses, references)
-    search = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
+    search = (f"beam {args.beam}, length penalty {args.length_penalty}" if args.beam > 1
+              else "greedy")
     print(f"sacreBLEU {scores['bleu']:.2f} (lowercase {scores['bleu_lc']:.2f}) on {len(sources)} "
           f"lines, {search}, {seconds:.1f} s; {bleu_signature()}")
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 _CACHE_ROOT = tempfile.mkdtemp(prefix="minigpt-tests-")
 # set before datasets / tiktoken / wandb / inductor are imported: they read these at import
-for var, sub in {"HF_HOME": "hf", "MINIGPT_CACHE": "minigpt", "TIKTOKEN_CACHE_DIR": "tiktoken",
-                 "WANDB_DIR": "wandb", "WANDB_CACHE_DIR": "wandb-cache", "TORCHINDUCTOR_CACHE_DIR": "inductor"}.items():
+CACHES = {"HF_HOME": "hf", "MINIGPT_CACHE": "minigpt", "TIKTOKEN_CACHE_DIR": "tiktoken",
+          "WANDB_DIR": "wandb", "WANDB_CACHE_DIR": "wandb-cache",
+          "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+for var, sub in CACHES.items():
     os.environ[var] = os.path.join(_CACHE_ROOT, sub)
 os.environ["WANDB_MODE"] = "offline"
 os.environ["OMP_NUM_THREADS"] = "1"  # also for the subprocesses tests start
@@ -22,8 +24,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: 1 thread is far faster than 2
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "a", "mat", "log", "tree",
-         "and", "then", "quickly", "slowly", "happy", "sad", "red", "blue", "green"]
+WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "over", "a", "mat",
+         "log", "tree", "and", "then", "quickly", "slowly", "happy", "sad", "red", "blue", "green"]
 
 
 def make_text(num_lines: int = 2000, seed: int = 0) -> str:

@@ -122,7 +122,8 @@ def run_both(impl, case, dtype=torch.float32):
 
 
 def servable(impls, cases):
-    """(impl, case) pairs, without key-masked cases for flash (test_flash_refuses_what_it_cannot_serve)."""
+    """(impl, case) pairs, without key-masked cases for flash
+    (test_flash_refuses_what_it_cannot_serve)."""
     return [(i, c) for i in impls for c in cases if i in MASKABLE or not CASES[c][3]]
 
 
@@ -252,7 +253,8 @@ def test_flash_attn_package_gets_its_layout_and_the_causal_flag(monkeypatch):
 
 @pytest.mark.parametrize("tile", [1, 4, 5, 64])
 def test_tiled_attention_any_tile_size(tile):
-    """Tiles that do not divide T, and T_q > T_k (the first queries see no key), match the reference."""
+    """Tiles that do not divide T, and T_q > T_k (the first queries see no key), match the
+    reference."""
     from model import tiled_attention
     from model.attention import naive_attention
     from model.masks import build_mask
@@ -273,8 +275,8 @@ def test_tiled_attention_any_tile_size(tile):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures CPU peak memory through Linux /proc")
 def test_tiled_path_memory_stays_far_under_the_reference_at_long_T(tmp_path):
-    """Measured by the attention benchmark, each run in a fresh process. At T=2048 the reference holds
-    (heads, T, T) fp32 matrices of 64 MiB each; the tiled path only tiles of 128 x 128."""
+    """Measured by the attention benchmark, each run in a fresh process. At T=2048 the reference
+    holds (heads, T, T) fp32 matrices of 64 MiB each; the tiled path only tiles of 128 x 128."""
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench_attention.py"), "--paths", "naive", "tiled",
                     "--seq-lens", "2048", "--batch", "1", "--heads", "4", "--head-dim", "32", "--repeats", "1",
@@ -288,7 +290,8 @@ def test_tiled_path_memory_stays_far_under_the_reference_at_long_T(tmp_path):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large_scores_do_not_overflow_in_fp16(impl):
-    """q . k = 40 * 40 * 64 = 102,400 exceeds fp16's 65,504; scaled by 1/sqrt(64) first it does not."""
+    """q . k = 40 * 40 * 64 = 102,400 exceeds fp16's 65,504; scaled by 1/sqrt(64) first it does
+    not."""
     q = torch.full((1, 2, 4, 64), 40.0, dtype=torch.float16)
     v = torch.randn(1, 2, 4, 64, dtype=torch.float16)
     y = ATTENTION_KERNELS[impl](q, q.clone(), v, causal=True, key_mask=None, dropout_p=0.0)

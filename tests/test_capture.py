@@ -4,7 +4,14 @@ scripts/plot_attention.py."""
 import pytest
 import torch
 
-from model import GPT, GPTConfig, MultiHeadAttention, Seq2SeqConfig, Seq2SeqTransformer, capture_attention
+from model import (
+    GPT,
+    GPTConfig,
+    MultiHeadAttention,
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    capture_attention,
+)
 from scripts import plot_attention
 
 

@@ -126,7 +126,8 @@ def test_non_utf8_text_is_a_clear_error(tmp_path, cache_dir):
 
 def test_hub_id_offline_fails_with_advice(cache_dir, monkeypatch):
     monkeypatch.setattr(corpus_module, "hub_reachable", lambda timeout=1.0: False)  # offline, wherever this runs
-    with pytest.raises(DataSourceError, match="hub cannot be reached.*--data.source path/to/input.txt"):
+    with pytest.raises(DataSourceError, match="hub cannot be reached.*--data.source "
+                                              "path/to/input.txt"):
         prepare_corpus("minigpt-tests/no-such-dataset", "char", cache_dir=cache_dir)
 
 
@@ -184,7 +185,8 @@ def test_validation_batches_are_fixed_and_cover_the_split(text_file, cache_dir):
 
 def test_corpus_shorter_than_a_block_is_rejected(tmp_path, cache_dir):
     (tmp_path / "short.txt").write_text("too short for a block of 64 characters\n" * 2)
-    with pytest.raises(DataSourceError, match="val split .* has 8 tokens, fewer than block_size \\+ 1 = 65"):
+    with pytest.raises(DataSourceError, match="val split .* has 8 tokens, fewer than block_size \\+ "
+                                              "1 = 65"):
         make_datamodule(tmp_path / "short.txt", cache_dir, block_size=64)
 
 
@@ -196,8 +198,9 @@ def test_empty_file_is_rejected(tmp_path, cache_dir):
 
 
 def test_tiny_shakespeare_ships_with_the_published_split(cache_dir):
-    """The bundled text, by name: nanoGPT's shakespeare_char, 65 characters, 1,003,854 train and 111,540
-    val tokens; and the same text as the public copy where one is at hand (MINIGPT_SHARED_DATA)."""
+    """The bundled text, by name: nanoGPT's shakespeare_char, 65 characters, 1,003,854 train and
+    111,540 val tokens; and the same text as the public copy where one is at hand
+    (MINIGPT_SHARED_DATA)."""
     corpus = prepare_corpus("tiny_shakespeare", "char", cache_dir=cache_dir)
     assert corpus.tokenizer.vocab_size == 65
     assert corpus.num_tokens == {"train": 1_003_854, "val": 111_540}
@@ -248,8 +251,8 @@ def test_prepare_data_script_fills_the_cache_that_training_reads(text_file, cach
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
 def test_tokenizing_in_parallel_processes_writes_the_same_token_arrays(tmp_path, tokenizer):
-    """Tokenization runs in num_proc processes and streams into the token arrays: the same tokens as one process,
-    documents in order, across shard files."""
+    """Tokenization runs in num_proc processes and streams into the token arrays: the same tokens as
+    one process, documents in order, across shard files."""
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "quickly", "Über"]
     for shard in range(3):

@@ -21,7 +21,8 @@ def make_gpt(impl="sdpa", seed=0, block_size=16) -> GPT:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cached_generation_equals_uncached_past_block_size(impl):
-    """Greedy, 60 steps with block_size 16: the context is cropped and the cache rebuilt several times."""
+    """Greedy, 60 steps with block_size 16: the context is cropped and the cache rebuilt several
+    times."""
     model = make_gpt(impl)
     idx = torch.randint(0, 50, (3, 5))
 

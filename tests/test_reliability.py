@@ -1,4 +1,5 @@
-"""Reliable training: exact resume, interrupts, atomic checkpoints, non-finite losses and bad input."""
+"""Reliable training: exact resume, interrupts, atomic checkpoints, non-finite losses and bad
+input."""
 
 import csv
 import signal
@@ -37,7 +38,8 @@ def test_n_steps_then_resume_then_n_steps_equals_2n_steps_straight(text_file, tm
 
 @pytest.mark.parametrize("resume_at", ["epoch_end", "mid_epoch"])
 def test_seq2seq_resume_equals_straight_across_epochs_with_ema(tmp_path, resume_at):
-    """Batches regrouped and reshuffled each epoch come back in the same order, and so do the EMA weights."""
+    """Batches regrouped and reshuffled each epoch come back in the same order, and so do the EMA
+    weights."""
     folder = write_parallel(tmp_path / "data", {"train": reverse_pairs(300, 0), "val": reverse_pairs(20, 1)})
     dm = TranslationDataModule(str(folder), "xx", "yy", vocab_size=40, max_len=16, max_tokens=200)
     per_epoch = len(PairBatches(*dm.ids["train"], 200, shuffle=True))

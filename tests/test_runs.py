@@ -1,4 +1,5 @@
-"""Run folders, CSV and offline wandb logging through train.py, resumed runs, and scripts/compare_runs.py."""
+"""Run folders, CSV and offline wandb logging through train.py, resumed runs, and
+scripts/compare_runs.py."""
 
 import csv
 import subprocess
@@ -70,7 +71,8 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
     again = compare_runs.read_wandb_offline(next((second / "wandb").glob("offline-run-*")))
     assert again.name == "my run" and again.config["run.tags"] == '["a", "b"]'
 
-    # compare_runs: the differing settings, then the metrics, and a PNG; a folder without metrics is skipped
+    # compare_runs: the differing settings, then the metrics, and a PNG; a folder without metrics is
+    # skipped
     (tmp_path / "mini-gpt" / "stopped-early" / "wandb").mkdir(parents=True)
     png = tmp_path / "compare.png"
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(first),
@@ -145,7 +147,8 @@ def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
     with pytest.raises(ValueError, match="--ckpt_path last: give the checkpoint's path"):
         fit(text_file, tmp_path, "--ckpt_path", "last")
     fit(text_file, tmp_path, "--run.id", "fixed", "--trainer.max_steps", "2")
-    with pytest.raises(ValueError, match="exists already: choose another --run.id, or resume that run"):
+    with pytest.raises(ValueError, match="exists already: choose another --run.id, or resume that "
+                                         "run"):
         fit(text_file, tmp_path, "--run.id", "fixed", "--trainer.max_steps", "2")
 
 

@@ -12,8 +12,8 @@ from conftest import REPO
 
 GPT_RUN = ["--data.block_size", "16", "--data.batch_size", "4", "--model.config.n_layer", "1",
            "--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.val_samples", "0",
-           "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
-           "--trainer.enable_progress_bar", "false"]
+           "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+           "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,10 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     }
 
 
-EXPECTED_OUTPUT = {"bench_attention": "| T |", "bench_generate": "tokens/s", "bench_train": "| auto:auto |",
-                   "compare_runs": "best val/loss", "plot_attention": "", "prepare_data": "train",
-                   "sample": "The", "translate": "sacreBLEU"}
+EXPECTED_OUTPUT = {"bench_attention": "| T |", "bench_generate": "tokens/s",
+                   "bench_train": "| auto:auto |", "compare_runs": "best val/loss",
+                   "plot_attention": "", "prepare_data": "train", "sample": "The",
+                   "translate": "sacreBLEU"}
 
 
 def test_every_script_is_covered():
@@ -62,20 +63,24 @@ def test_every_script_is_covered():
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED_OUTPUT))
-def test_script_runs_from_a_folder_with_its_own_data_and_model(script, checkpoints, foreign_cwd, tmp_path):
+def test_script_runs_from_a_folder_with_its_own_data_and_model(script, checkpoints, foreign_cwd,
+                                                                tmp_path):
     args = script_cases(checkpoints, tmp_path)[script]
-    env = {"PYTHONPATH": "."}  # the user's folder on the path too: the project's own packages must still win
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args], cwd=foreign_cwd,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    # the user's folder on the path too: the project's own packages must still win
+    env = {**os.environ, "PYTHONPATH": "."}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args],
+                            cwd=foreign_cwd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert EXPECTED_OUTPUT[script] in result.stdout, result.stdout[-2000:]
 
 
-def test_train_py_runs_from_a_folder_with_its_own_data_and_model(checkpoints, foreign_cwd, tmp_path):
+def test_train_py_runs_from_a_folder_with_its_own_data_and_model(checkpoints, foreign_cwd,
+                                                                  tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config",
                              str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
                              "--data.source", str(checkpoints["text"]),
-                             "--data.cache_dir", str(tmp_path / "cache"), "--run.save_dir", str(tmp_path), *GPT_RUN],
+                             "--data.cache_dir", str(tmp_path / "cache"),
+                             "--run.save_dir", str(tmp_path), *GPT_RUN],
                             cwd=foreign_cwd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": "."})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -90,9 +95,11 @@ def test_make_train_trains_offline_on_the_shipped_text_with_no_source_given(tmp_
     """What `make train` runs, with the network off and no --data.source: the shipped Tiny
     Shakespeare."""
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config",
-                             str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--run.save_dir", str(tmp_path),
+                             str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
+                             "--run.save_dir", str(tmp_path),
                              "--data.cache_dir", str(tmp_path / "cache"), *GPT_RUN], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **OFFLINE})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Tokenizing 'tiny_shakespeare'" in result.stderr + result.stdout
     assert list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))

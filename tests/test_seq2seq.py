@@ -1,4 +1,5 @@
-"""The encoder-decoder Transformer: cross-attention shapes, masking, decoding, and learning a task."""
+"""The encoder-decoder Transformer: cross-attention shapes, masking, decoding, and learning a
+task."""
 
 import pytest
 import torch
@@ -40,7 +41,8 @@ def test_cross_attention_shapes_with_source_and_target_of_different_lengths(B, S
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_padding_the_source_further_changes_no_output(impl):
-    """The same sentences padded to 6 or to 10 positions: identical logits (padding is invisible)."""
+    """The same sentences padded to 6 or to 10 positions: identical logits (padding is
+    invisible)."""
     model = make_model(impl)
     src = padded_batch([6, 3], 6)
     wider = torch.cat([src, torch.full((2, 4), PAD)], dim=1)

@@ -61,7 +61,8 @@ def test_validation_loss_falls_through_the_lightning_path(text_file, cache_dir, 
 
 
 def test_bf16_mixed_training_tracks_fp32(text_file, cache_dir, tmp_path):
-    """The same seeded run in bf16-mixed and 32-true: both learn, and end within 0.05 of each other."""
+    """The same seeded run in bf16-mixed and 32-true: both learn, and end within 0.05 of each
+    other."""
     final = {}
     for precision in ("32-true", "bf16-mixed"):
         L.seed_everything(0)
@@ -74,7 +75,8 @@ def test_bf16_mixed_training_tracks_fp32(text_file, cache_dir, tmp_path):
 
 
 def test_flops_per_token_match_torch_flop_counter():
-    """6N + 12 L C T against torch's FLOP counter on a forward + backward pass (on the meta device)."""
+    """6N + 12 L C T against torch's FLOP counter on a forward + backward pass (on the meta
+    device)."""
     from lightning.fabric.utilities.throughput import measure_flops
 
     from model import GPT

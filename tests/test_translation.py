@@ -1,4 +1,5 @@
-"""Parallel data, the BPE vocabulary, training a seq2seq model through Lightning, and scripts/translate.py."""
+"""Parallel data, the BPE vocabulary, training a seq2seq model through Lightning, and
+scripts/translate.py."""
 
 import json
 import logging
@@ -68,7 +69,8 @@ def test_bad_parallel_sources_get_clear_errors(tmp_path):
         load_pairs(str(write_parallel(tmp_path / "b", {"train": [("a", "b")]}, "de", "fr")), "de", "fr")
     with pytest.raises(DataSourceError, match="no \\['fr'\\] column"):
         load_pairs(str(_jsonl(tmp_path / "c")), "de", "fr")
-    with pytest.raises(DataSourceError, match="not a folder of parallel text files nor a hub dataset id"):
+    with pytest.raises(DataSourceError, match="not a folder of parallel text files nor a hub "
+                                              "dataset id"):
         load_pairs(str(tmp_path / "missing.txt"), "de", "en")
 
 
@@ -162,7 +164,8 @@ def test_tuning_the_length_penalty_without_a_dev_split_is_refused_before_trainin
                            n_embd=16, mlp_hidden=32)
     module = Seq2SeqLightningModule(config, tune_length_penalty=[0.6, 1.0])
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    with pytest.raises(ValueError, match="tune_length_penalty needs a dev split to tune on: set --data.dev_size"):
+    with pytest.raises(ValueError, match="tune_length_penalty needs a dev split to tune on: set "
+                                         "--data.dev_size"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
 
