@@ -798,8 +798,8 @@ class CLI(LightningCLI):
                 info, str(trainer.precision), seq_len=config.data[self.kind.seq_len],
                 key_mask=self.kind.masks_padded_keys)
             resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
-        rank_zero_info(f"Device: {info.describe()}" + "".join(f"; {', '.join(resolved)}"
-                                                              for _ in resolved[:1]))
+        choices = f"; {', '.join(resolved)}" if resolved else ""
+        rank_zero_info(f"Device: {info.describe()}{choices}")
 
     # Resuming a run: ``--ckpt_path`` names a checkpoint. Its run continues in the same folder, CSV
     # and wandb run, with the same model and training options. The checkpoint is read once, before
