@@ -59,7 +59,8 @@ def test_seq2seq_cross_attention_gives_padded_source_positions_no_weight():
 def test_the_script_writes_a_png_of_the_attention_maps(checkpoints, tmp_path, kind, extra):
     out = tmp_path / "maps.png"
     text = "The cat" if kind == "gpt" else "the cat sat on a mat"
-    plot_attention.main(["--ckpt", str(checkpoints[kind]), "--text", text, "--out", str(out), *extra])
+    plot_attention.main(["--ckpt", str(checkpoints[kind]), "--text", text, "--out", str(out),
+                         *extra])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5_000
 
 
@@ -70,7 +71,8 @@ def test_the_script_writes_a_png_of_the_attention_maps(checkpoints, tmp_path, ki
     (["--text", ""], "--text is empty"),
 ])
 def test_the_script_bad_input(checkpoints, tmp_path, extra, message):
-    argv = ["--ckpt", str(checkpoints["gpt"]), "--text", "The", "--out", str(tmp_path / "x.png"), *extra]
+    argv = ["--ckpt", str(checkpoints["gpt"]), "--text", "The", "--out", str(tmp_path / "x.png"),
+            *extra]
     with pytest.raises(ValueError, match=message):
         plot_attention.main(argv)
     with pytest.raises(ValueError, match="no checkpoint at"):

@@ -185,8 +185,8 @@ def test_validation_batches_are_fixed_and_cover_the_split(text_file, cache_dir):
 
 def test_corpus_shorter_than_a_block_is_rejected(tmp_path, cache_dir):
     (tmp_path / "short.txt").write_text("too short for a block of 64 characters\n" * 2)
-    with pytest.raises(DataSourceError, match="val split .* has 8 tokens, fewer than block_size \\+ "
-                                              "1 = 65"):
+    message = r"val split .* has 8 tokens, fewer than block_size \+ 1 = 65"
+    with pytest.raises(DataSourceError, match=message):
         make_datamodule(tmp_path / "short.txt", cache_dir, block_size=64)
 
 

@@ -182,8 +182,9 @@ def test_sample_script_rejects_corrupt_checkpoints(checkpoint, tmp_path):
 
 
 def test_generation_benchmark_prints_a_row_per_batch_and_context(capsys):
-    bench_generate.main(["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--contexts", "1", "64",
-                "--batch", "1", "2", "--new-tokens", "3", "--repeats", "1"])
+    bench_generate.main(["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
+                         "--contexts", "1", "64", "--batch", "1", "2", "--new-tokens", "3",
+                         "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
     assert [row.split(" | ")[:2] for row in rows] == [["| 1", "1"], ["| 1", "64 (full)"], ["| 2", "1"],
                                                        ["| 2", "64 (full)"]]
