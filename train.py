@@ -880,7 +880,6 @@ class CLI(LightningCLI):
         elif run_dir.exists() and not self.launcher_run_id:
             raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, "
                              f"or resume that run with --ckpt_path {run_dir}/checkpoints/last.ckpt")
-        os.environ["MINIGPT_RUN_ID"] = run_id  # for the worker processes of a multi-process run
         # the folder itself is made when training sets up (SaveRunConfig), so that bad input
         # leaves none behind
         self.run_dir, self.resumed = run_dir, resumed is not None
@@ -908,6 +907,10 @@ class CLI(LightningCLI):
                                               "callbacks": callbacks})
 
     def _run_subcommand(self, subcommand):
+        # The worker processes of a multi-process run start from the command line again and take
+        # this run's id from the environment (make_cli): set for as long as the run lasts only,
+        # so that a later CLI in this process (or one built without running) starts its own run.
+        os.environ["MINIGPT_RUN_ID"] = self.model.run_info["id"]
         try:
             super()._run_subcommand(subcommand)
         except BaseException:  # interrupted, or failed: close the wandb run as failed
@@ -915,6 +918,8 @@ class CLI(LightningCLI):
             if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed start leaves no folder
             raise
+        finally:
+            os.environ.pop("MINIGPT_RUN_ID", None)
 
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback
@@ -932,7 +937,6 @@ class CLI(LightningCLI):
 
     def finish_run(self, exit_code: int = 0):
         """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
-        os.environ.pop("MINIGPT_RUN_ID", None)
         for logger in self.trainer.loggers:
             started = getattr(logger, "_experiment", True) is not None  # never start one to end it
             if started:
@@ -953,8 +957,9 @@ def model_kind(args: list[str]) -> str:
     classes): ``--kind K``, else the last ``--config`` file that sets one, else ``gpt``."""
     kind = "gpt"
     for i, arg in enumerate(args):
-        flag, _, value = arg.partition("=")
-        value = value or (args[i + 1] if i + 1 < len(args) else "")
+        flag, equals, value = arg.partition("=")
+        if not equals:  # "--config FILE" rather than "--config=FILE"
+            value = args[i + 1] if i + 1 < len(args) else ""
         if flag == "--config" and Path(value).is_file():
             with open(value) as f:
                 config = yaml.safe_load(f)

@@ -13,6 +13,7 @@ from conftest import REPO, fit, run_folders, tiny_run
 
 from model.device import choose_attn_impl, choose_precision, device_info
 from scripts import compare_runs
+from train import make_cli
 
 
 def wandb_id(offline_run: Path) -> str:
@@ -87,6 +88,15 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
     lr = columns.index("model.lr")
     assert [[c.strip() for c in r.strip("|").split("|")][lr] for r in (row1, row2)] == ["0.002", "0.003"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_cli_built_without_running_hands_its_run_id_to_no_later_run(text_file, tmp_path):
+    """The run id reaches a multi-process run's workers through the environment: only while that
+    run lasts, so that a CLI built without running (scripts/bench_train.py) leaves none behind."""
+    built = make_cli(tiny_run(text_file, tmp_path)[1:], run=False)
+    fit(text_file, tmp_path, "--trainer.max_steps", "2")
+    folder, = run_folders(tmp_path)
+    assert not folder.name.endswith(built.model.run_info["id"])
 
 
 def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file, tmp_path, monkeypatch):
