@@ -24,6 +24,12 @@ def check_config(config, positive: tuple[str, ...]) -> None:
     if config.n_embd % config.n_head != 0:
         raise ValueError(f"{name}.n_embd ({config.n_embd}) must be divisible by n_head "
                          f"({config.n_head}): each head gets n_embd / n_head dimensions")
+    n_kv_head = config.n_kv_head
+    if n_kv_head is not None and not (1 <= n_kv_head <= config.n_head
+                                      and config.n_head % n_kv_head == 0):
+        raise ValueError(f"{name}.n_kv_head ({n_kv_head}) must divide n_head ({config.n_head}): "
+                         f"each key/value head serves n_head / n_kv_head query heads (None: as "
+                         f"many as n_head, 1: multi-query attention)")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     if config.attn_impl == "auto":
@@ -70,16 +76,19 @@ class Block(nn.Module):
     """x + attn(ln(x)), then (cross=True) x + cross_attn(ln(x), context), then x + mlp(ln(x)).
 
     ``mlp_hidden`` defaults to 4 * n_embd; ``attn_impl`` is one of
-    ``model.attention.ATTENTION_KERNELS``.
+    ``model.attention.ATTENTION_KERNELS``; ``n_kv_head`` and ``qk_norm`` apply to both attentions,
+    ``window`` to the self-attention (``model.attention.MultiHeadAttention``).
     """
 
-    def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
-                 attn_impl: str = "sdpa", causal: bool, cross: bool = False,
-                 mlp_hidden: int | None = None):
+    def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None,
+                 dropout: float = 0.0, bias: bool = True, attn_impl: str = "sdpa", causal: bool,
+                 cross: bool = False, mlp_hidden: int | None = None, window: int | None = None,
+                 qk_norm: bool = False):
         super().__init__()
-        attn_args = dict(dropout=dropout, bias=bias, attn_impl=attn_impl)
+        attn_args = dict(n_kv_head=n_kv_head, dropout=dropout, bias=bias, attn_impl=attn_impl,
+                         qk_norm=qk_norm)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, **attn_args)
+        self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, window=window, **attn_args)
         self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
         self.cross_attn = (MultiHeadAttention(n_embd, n_head, cross=True, **attn_args) if cross
                            else None)
@@ -88,11 +97,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, kv_cache: KVCache | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
-                context_cache: KVCache | None = None) -> Tensor:
+                context_cache: KVCache | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x: (B, T, C); key_mask: (B, T_keys) for the self-attention; kv_cache: its keys and values
-        so far. Cross-attention: context (B, S, C), context_mask (B, S), context_cache (its
-        projected keys and values, filled on the first call and reused after)."""
-        x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache)
+        so far; rotary: its (cos, sin) of the tokens' positions. Cross-attention: context (B, S, C),
+        context_mask (B, S), context_cache (its projected keys and values, filled on the first call
+        and reused after)."""
+        x = x + self.attn(self.ln_1(x), key_mask=key_mask, kv_cache=kv_cache, rotary=rotary)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context, key_mask=context_mask,
                                     kv_cache=context_cache)

@@ -1,6 +1,12 @@
 """A decoder-only GPT: token + position embeddings, a stack of pre-LayerNorm
 blocks of causal self-attention and MLP, a final LayerNorm and an LM head tied
-to the token embedding (GPT-2's layout and initialisation)."""
+to the token embedding (GPT-2's layout and initialisation).
+
+The attention of today's models is a config field away, each off by default: rotary positions
+instead of the learned table (``pos_emb="rope"``), grouped-query attention (``n_kv_head``),
+sliding windows (``window``) and QK-norm (``qk_norm``); see ``model/attention.py`` and
+``docs/attention.md``.
+"""
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -9,15 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache
+from .attention import KVCache, flash_attn_func
 from .block import Block, check_config, init_weights
+from .rotary import rotary_angles
 from .sampling import check_sampling_args, sample_next
+
+POS_EMBS = ("learned", "rope")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257  # GPT-2 BPE; the data module sets it from its tokenizer
-    block_size: int = 256  # longest sequence (context length) the model takes
+    block_size: int = 256  # longest sequence (context length) the model trains on
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -25,9 +34,42 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers
     attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled" (model/attention.py);
     # train.py also takes "auto": the fastest path for the device (model/device.py)
+    # positions: "learned" (GPT-2: a table of block_size vectors added to the token embeddings) or
+    # "rope" (rotary, model/rotary.py: queries and keys turned by their positions; a query then
+    # sees at most block_size tokens, or window, and generation can go on past block_size)
+    pos_emb: str = "learned"
+    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns once in ~2*pi*theta tokens
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head; 1: MQA
+    window: int | None = None  # sliding window: a query sees the `window` latest tokens; None: all
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the scores
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(f"GPTConfig.pos_emb {self.pos_emb!r} is unknown; choose one of "
+                             f"{list(POS_EMBS)}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig.pos_emb 'rope' rotates pairs of dimensions: the head size "
+                             f"n_embd / n_head ({self.n_embd // self.n_head}) must be even")
+        if self.rope_theta <= 0:
+            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta}")
+        if self.window is not None and not 1 <= self.window <= self.block_size:
+            raise ValueError(f"GPTConfig.window must be in [1, block_size={self.block_size}] (or "
+                             f"None: no window), got {self.window}; the model never trains on "
+                             f"more than block_size tokens")
+        if self.window is not None and self.attn_impl == "flash" and flash_attn_func is None:
+            raise ValueError("GPTConfig.attn_impl 'flash' cannot serve a window: PyTorch's flash "
+                             "kernel takes no mask, and the flash_attn package (CUDA) is not "
+                             "installed; use attn_impl 'sdpa' or 'tiled'")
+
+    @property
+    def attn_window(self) -> int | None:
+        """The window each attention layer applies: ``window``; with rotary positions and no window,
+        block_size, so that no query sees further back than in training, however long the sequence.
+        (Within block_size tokens it hides nothing: training is plain causal attention.)"""
+        if self.window is not None:
+            return self.window
+        return self.block_size if self.pos_emb == "rope" else None
 
 
 class GPT(nn.Module):
@@ -35,11 +77,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        # learned position embedding; rotary positions have no table (they turn q and k instead)
+        self.wpe = (nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned"
+                    else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias,
-                  attn_impl=config.attn_impl, causal=True)
+            Block(config.n_embd, config.n_head, n_kv_head=config.n_kv_head,
+                  dropout=config.dropout, bias=config.bias, attn_impl=config.attn_impl,
+                  causal=True, window=config.attn_window, qk_norm=config.qk_norm)
             for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -51,14 +96,16 @@ class GPT(nn.Module):
         """Parameter count; by default without the position embedding (the token embedding
         counts, as it is also the LM head)."""
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, T: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token of a length-T sequence (default
         block_size): 6 per weight (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for the
-        attention scores and the weighted sum of values (PaLM, appendix B)."""
+        attention scores and the weighted sum of values (PaLM, appendix B), T capped at the
+        window."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
+        T = min(T or c.block_size, c.attn_window or c.block_size)
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 kv_caches: list[KVCache] | None = None):
@@ -70,15 +117,23 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         B, T = idx.shape
-        past = kv_caches[0].length if kv_caches else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence length {past + T} is longer than block_size "
-                             f"{self.config.block_size}; crop the input to the last "
-                             f"{self.config.block_size} tokens")
+        past = kv_caches[0].seen if kv_caches else 0  # the position of idx's first token
         pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.wpe is not None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence length {past + T} is longer than block_size "
+                                 f"{self.config.block_size}, the learned position table's; crop "
+                                 f"the input to the last {self.config.block_size} tokens (or "
+                                 f"train with pos_emb 'rope', which has no such limit)")
+            x = x + self.wpe(pos)
+        else:  # rotary: the same angles for every layer, computed once
+            rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head,
+                                   self.config.rope_theta)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=kv_caches[i] if kv_caches else None)
+            x = block(x, kv_cache=kv_caches[i] if kv_caches else None, rotary=rotary)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -92,25 +147,32 @@ class GPT(nn.Module):
         """Yields (next tokens (B,), their logits (B, vocab)) for up to max_new_tokens steps;
         ``pick(logits) -> (B,)`` chooses each step's tokens.
 
-        Context: at most block_size tokens. When the next token would make it longer, the context is
-        cropped to its last block_size // 2 tokens and the cache is rebuilt from them, with and
-        without a cache alike. (Positions are learned and absolute, so keys cached at other
+        Learned positions: the context is at most block_size tokens. When the next token would make
+        it longer, it is cropped to its last block_size // 2 tokens and the cache is rebuilt from
+        them, with and without a cache alike. (Positions are absolute, so keys cached at other
         positions cannot be slid along; rebuilding at every step would cost as much as having no
         cache.)
+
+        Rotary positions: nothing is cropped. Each layer's cache rolls, holding the latest
+        ``attn_window`` keys and values (block_size, or the window), one token fed per step at a
+        constant cost; without a cache, the whole sequence is recomputed at every step, through the
+        same windows. A prompt of any length is read whole.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"generation needs a (batch, time) tensor of at least one token, got "
                              f"{tuple(idx.shape)}")
         block, keep = self.config.block_size, max(1, self.config.block_size // 2)
-        caches = [KVCache(block) for _ in self.blocks] if use_cache else None
+        rolling = self.wpe is None  # rotary positions are relative: cached keys stay valid
+        span = self.config.attn_window if rolling else block
+        caches = [KVCache(span, rolling) for _ in self.blocks] if use_cache else None
         # seq is the whole sequence so far, prompt included; the model reads only seq[:, start:],
-        # the last block_size tokens at most (a longer prompt is cropped the same way)
-        seq, start = idx, max(0, idx.size(1) - block)
+        # (learned positions) the last block_size tokens at most, a longer prompt cropped alike
+        seq, start = idx, 0 if rolling else max(0, idx.size(1) - block)
         for _ in range(max_new_tokens):
-            # 1. The context is full: keep its last `keep` tokens. Their positions change (position
-            #    0 is now the first kept token), so every cached key is stale: empty the caches, and
-            #    the next forward refills them from the kept tokens in one pass.
-            if seq.size(1) - start > block:
+            # 1. Learned positions, the context is full: keep its last `keep` tokens. Their
+            #    positions change (position 0 is now the first kept token), so every cached key is
+            #    stale: empty the caches, and the next forward refills them from the kept tokens.
+            if not rolling and seq.size(1) - start > block:
                 start = seq.size(1) - keep
                 for cache in caches or []:
                     cache.reset()
@@ -119,7 +181,7 @@ class GPT(nn.Module):
             #    query attends to the cached keys of all earlier ones. Without, recompute it all.
             #    (self.forward, not self(...): a compiled model would recompile for every length.)
             if caches:
-                new = seq[:, start + caches[0].length:]  # (B, 1) after the first step
+                new = seq[:, start + caches[0].seen:]  # (B, 1) after the first step
                 logits = self.forward(new, kv_caches=caches)[0][:, -1]  # (B, vocab_size)
             else:
                 logits = self.forward(seq[:, start:])[0][:, -1]

@@ -41,6 +41,8 @@ class Seq2SeqConfig:
     pad_id: int = 0  # special token ids, fixed by the tokenizer (data.BPETokenizer)
     bos_id: int = 1
     eos_id: int = 2
+    n_kv_head: int | None = None  # key/value heads of every attention (GQA); None: n_head
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (model/attention.py)
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer",
@@ -84,8 +86,8 @@ class Seq2SeqTransformer(nn.Module):
         self.enc_pos = nn.Embedding(c.max_len, c.n_embd)  # learned positions, one table per side
         self.dec_pos = nn.Embedding(c.max_len, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        block_args = dict(dropout=c.dropout, bias=c.bias, attn_impl=c.attn_impl,
-                          mlp_hidden=c.mlp_hidden)
+        block_args = dict(n_kv_head=c.n_kv_head, dropout=c.dropout, bias=c.bias,
+                          attn_impl=c.attn_impl, mlp_hidden=c.mlp_hidden, qk_norm=c.qk_norm)
         self.encoder = nn.ModuleList(Block(c.n_embd, c.n_head, causal=False, **block_args)
                                      for _ in range(c.n_encoder_layer))
         self.decoder = nn.ModuleList(

@@ -229,26 +229,29 @@ def test_flash_refuses_what_it_cannot_serve():
         make_attention("tiled", dropout=0.1).train()(torch.randn(2, 4, 32))
 
 
-def test_flash_attn_package_gets_its_layout_and_the_causal_flag(monkeypatch):
-    """Where flash_attn is installed (CUDA), its function is called in its (B, T, nh, hs) layout."""
+@pytest.mark.parametrize("options,window_size", [({}, (-1, -1)), ({"window": 3, "n_kv_head": 2}, (2, 0))])
+def test_flash_attn_package_gets_its_layout_the_causal_flag_and_the_window(monkeypatch, options, window_size):
+    """Where flash_attn is installed (CUDA), its function is called in its (B, T, nh, hs) layout,
+    with a window as (keys to the left, keys to the right) and the fewer kv heads of GQA as they are."""
     import model.attention as attention
 
     calls = []
 
-    def fake_flash_attn_func(q, k, v, dropout_p, causal):  # the reference, in flash_attn's layout
-        calls.append((q.shape, causal))
-        mask = causal_mask(q.size(1), k.size(1)) if causal else None
+    def fake_flash_attn_func(q, k, v, dropout_p, causal, window_size):  # the reference, in its layout
+        calls.append((q.shape, k.shape, causal, window_size))
+        window = window_size[0] + 1 if window_size[0] >= 0 else None
+        mask = causal_mask(q.size(1), k.size(1), window=window) if causal else None
         y, _ = attention.naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p)
         return y.transpose(1, 2)
 
-    ref, flash = twin("flash", causal=True)
+    ref, flash = twin("flash", causal=True, **options)
     x = torch.randn(2, 6, 32)
-    expected = flash(x)
+    expected = ref(x)
     monkeypatch.setattr(attention, "flash_attn_func", fake_flash_attn_func)
     monkeypatch.setattr(attention, "_use_flash_attn_package", lambda q: True)
     torch.testing.assert_close(flash(x), expected, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(ref(x), expected, atol=ATOL, rtol=RTOL)
-    assert calls == [((2, 6, 4, 8), True)]
+    kv_heads = options.get("n_kv_head", 4)
+    assert calls == [((2, 6, 4, 8), (2, 6, kv_heads, 8), True, window_size)]
 
 
 @pytest.mark.parametrize("tile", [1, 4, 5, 64])
