@@ -3,8 +3,11 @@
     python scripts/bench_attention.py                             # CPU, fp32, T = 128 ... 4096
     python scripts/bench_attention.py --paths naive sdpa --seq-lens 512 1024 --threads 1
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --seq-lens 1024 4096 16384
+    python scripts/bench_attention.py --paths tiled sdpa --windows none 256 --seq-lens 1024 16384
 
-Causal self-attention on random (batch, heads, T, head_dim) inputs. Time is the median of
+Causal self-attention on random (batch, heads, T, head_dim) inputs, full or (--windows) each query
+seeing only its latest W keys: a path then appears once per window, e.g. "tiled w256". Time is the
+median of
 ``--repeats`` fwd+bwd calls after ``--warmup``; peak memory is what one fwd+bwd adds on top of its
 inputs (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process after one small
 warm-up pass, so neither memory freed by earlier runs nor one-time allocations blur it). Prints
@@ -35,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--paths", nargs="+", default=list(ATTENTION_KERNELS),
                    choices=list(ATTENTION_KERNELS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096])
+    p.add_argument("--windows", nargs="+", type=window_arg, default=[None], metavar="W",
+                   help="sliding windows to measure each path with; 'none' is full causal")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -48,19 +53,33 @@ def parse_args(argv=None):
                    help="skip a run whose T x T matrices alone would need more than this")
     p.add_argument("--plot", default="bench_attention.png", help="PNG to write ('' for none)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--measure-memory", nargs=2, metavar=("PATH", "T"),  # a child process's mode
+    p.add_argument("--measure-memory", nargs=3, metavar=("PATH", "W", "T"),  # a child's mode
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def fwd_bwd(args, path: str, T: int):
+def window_arg(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a window is a number of keys >= 1 or 'none', not "
+                                         f"{text!r}")
+    return int(text)
+
+
+def label(path: str, window: int | None) -> str:
+    return path if window is None else f"{path} w{window}"
+
+
+def fwd_bwd(args, path: str, T: int, window: int | None = None):
     """Make the inputs, then return a function that runs one forward + backward pass on them."""
     shape = (args.batch, args.heads, T, args.head_dim)
     q, k, v = (torch.randn(shape, device=args.device, dtype=DTYPES[args.dtype], requires_grad=True)
                for _ in range(3))
 
     def run():
-        y = ATTENTION_KERNELS[path](q, k, v, causal=True, key_mask=None, dropout_p=0.0)
+        y = ATTENTION_KERNELS[path](q, k, v, causal=True, key_mask=None, dropout_p=0.0,
+                                    window=window if window is not None and window < T else None)
         y.backward(torch.ones_like(y))
 
     return run
@@ -71,8 +90,8 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_ms(args, path: str, T: int) -> float:
-    run = fwd_bwd(args, path, T)
+def time_ms(args, path: str, T: int, window: int | None) -> float:
+    run = fwd_bwd(args, path, T, window)
     for _ in range(args.warmup):
         run()
     times = []
@@ -91,9 +110,9 @@ def _rss_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def peak_mib_here(args, path: str, T: int) -> float:
+def peak_mib_here(args, path: str, T: int, window: int | None) -> float:
     """Peak memory one fwd+bwd adds, measured in this process."""
-    run = fwd_bwd(args, path, T)
+    run = fwd_bwd(args, path, T, window)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -101,29 +120,32 @@ def peak_mib_here(args, path: str, T: int) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    fwd_bwd(args, path, min(T, 64))()  # one-time allocations (thread pools, autograd) happen here
+    fwd_bwd(args, path, min(T, 64), window)()  # one-time allocations (thread pools, autograd)
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident size
     base = _rss_bytes("VmRSS:")
     run()
     return (_rss_bytes("VmHWM:") - base) / 2**20
 
 
-def peak_mib(args, argv, path: str, T: int) -> float:
+def peak_mib(args, argv, path: str, T: int, window: int | None) -> float:
     if args.device.startswith("cuda"):
-        return peak_mib_here(args, path, T)
-    child = subprocess.run([sys.executable, __file__, *argv, "--measure-memory", path, str(T)],
+        return peak_mib_here(args, path, T, window)
+    child = subprocess.run([sys.executable, __file__, *argv, "--measure-memory", path,
+                            str(window).lower(), str(T)],
                            capture_output=True, text=True, check=True)
     return float(child.stdout.strip().splitlines()[-1])
 
 
 def too_big(args, path: str, T: int) -> bool:
-    """Only the reference holds T x T matrices (scores, weights and their gradients: about 4)."""
+    """The reference holds T x T matrices (scores, weights and their gradients: about 4), with a
+    window or not."""
     itemsize = torch.finfo(DTYPES[args.dtype]).bits // 8
     scores_bytes = 4 * args.batch * args.heads * T * T * itemsize
     return path == "naive" and scores_bytes > args.max_memory_gb * 2**30
 
 
 def markdown(results, paths, seq_lens, key, unit, fmt) -> str:
+    """One row per T, one column per path (label); times also as a speed-up over the reference."""
     header = "| T | " + " | ".join(f"{p} {unit}" for p in paths) + " |"
     lines = [header, "|" + " --- |" * (len(paths) + 1)]
     for T in seq_lens:
@@ -139,6 +161,22 @@ def markdown(results, paths, seq_lens, key, unit, fmt) -> str:
                 cell += f" ({ref['ms'] / r['ms']:.1f}x)"
             cells.append(cell)
         lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def growth(results, paths, seq_lens) -> str:
+    """How time and memory grow when T doubles: about 2x is linear in T, about 4x quadratic."""
+    lines = ["| T | " + " | ".join(f"{p} time, memory" for p in paths) + " |",
+             "|" + " --- |" * (len(paths) + 1)]
+    for T in seq_lens:
+        if T % 2 or T // 2 not in seq_lens:
+            continue
+        cells = []
+        for p in paths:
+            now, before = results.get((p, T)), results.get((p, T // 2))
+            cells.append(f"{now['ms'] / before['ms']:.2f}x, {now['mib'] / before['mib']:.2f}x"
+                         if now and before and before["mib"] > 0 else "-")
+        lines.append(f"| {T // 2} -> {T} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,28 +213,35 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measure_memory:  # child process: one memory measurement, printed last
-        path, T = args.measure_memory[0], int(args.measure_memory[1])
-        print(f"{peak_mib_here(args, path, T):.3f}")
+        path, window, T = args.measure_memory
+        print(f"{peak_mib_here(args, path, int(T), window_arg(window)):.3f}")
         return
     title = (f"causal attention fwd+bwd, {args.device} {args.dtype}, batch {args.batch}, heads "
              f"{args.heads}, head dim {args.head_dim}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}")
     print(title + "\n")
     results = {}
+    labels = [label(path, window) for window in args.windows for path in args.paths]
     for T in args.seq_lens:
-        for path in args.paths:
-            if too_big(args, path, T):
-                continue
-            try:
-                results[(path, T)] = {"ms": time_ms(args, path, T),
-                                      "mib": peak_mib(args, argv, path, T)}
-            except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-                print(f"{path} at T={T}: skipped ({str(e).splitlines()[0][:120]})")
-    print(markdown(results, args.paths, args.seq_lens, "ms", "ms", "{:.1f}"))
+        for window in args.windows:
+            for path in args.paths:
+                if too_big(args, path, T):
+                    continue
+                try:
+                    results[(label(path, window), T)] = {
+                        "ms": time_ms(args, path, T, window),
+                        "mib": peak_mib(args, argv, path, T, window)}
+                except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+                    print(f"{label(path, window)} at T={T}: skipped "
+                          f"({str(e).splitlines()[0][:120]})", flush=True)
+    print(markdown(results, labels, args.seq_lens, "ms", "ms", "{:.1f}"))
     print()
-    print(markdown(results, args.paths, args.seq_lens, "mib", "MiB", "{:.1f}"))
+    print(markdown(results, labels, args.seq_lens, "mib", "MiB", "{:.1f}"))
+    if len(lines := growth(results, labels, args.seq_lens).splitlines()) > 2:
+        print("\nGrowth when T doubles (2x: linear in T; 4x: quadratic)\n")
+        print("\n".join(lines))
     if args.plot:
-        plot(results, args.paths, args.plot, title)
+        plot(results, labels, args.plot, title)
         print(f"\nplot: {args.plot}")
     if args.json:
         records = [{"path": p, "T": T, **r} for (p, T), r in results.items()]

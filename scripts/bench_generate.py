@@ -1,12 +1,24 @@
-"""Generation speed with and without the KV cache, for several context (prompt) lengths.
+"""Generation speed with and without the KV cache, for several context (prompt) lengths; the KV
+cache's size per token for several numbers of key/value heads; and the speed of long generation.
 
     python scripts/bench_generate.py             # the CPU config's model, random weights
     python scripts/bench_generate.py --ckpt runs/.../best-step=2000.ckpt --contexts 1 32 64 \
         --batch 1 4 16
+    python scripts/bench_generate.py --kv-heads 4 1 --config configs/shakespeare_char.yaml
+    python scripts/bench_generate.py --long 4000 # learned positions against rotary ones
 
 Each run generates --new-tokens tokens greedily for each batch size after a prompt of each context
 length (a context equal to block_size starts full), --repeats times; the best time counts. Prints a
 markdown table.
+
+--kv-heads N ...: the same model with each number of key/value heads (grouped-query attention; N =
+n_head is multi-head, 1 multi-query) fills its caches with one full context; the table gives the
+bytes the caches hold per token, measured on the tensors, and the tokens/s of cached generation.
+
+--long N: N tokens from a one-token prompt with the cache, for learned positions (the context is
+cropped to block_size / 2 and the cache rebuilt whenever it fills) and for rotary ones (the cache
+rolls: one token per step for ever); the table gives the tokens/s of the first 60 tokens, of the
+last 1,000 and of all N.
 """
 
 import argparse
@@ -19,22 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import torch
 import yaml
 
-from model import ATTENTION_KERNELS, GPT, GPTConfig
+from model import ATTENTION_KERNELS, GPT, GPTConfig, KVCache
 from model.checkpoint import load_gpt_checkpoint
 from model.device import choose_attn_impl, device_info
-from scripts._common import add_device_argument, exit_code, pick_device
+from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_model(args) -> GPT:
+def build_model(args, **options) -> GPT:
+    """The checkpoint's model, or the config's shape with random weights and ``options`` (GPTConfig
+    fields) on top."""
     if args.ckpt:
         model, _ = load_gpt_checkpoint(args.ckpt)
     else:
         with open(args.config) as f:
             config = yaml.safe_load(f)
         shape = {**config["model"]["config"], "block_size": config["data"]["block_size"],
-                 "vocab_size": args.vocab_size, "dropout": 0.0}
+                 "vocab_size": args.vocab_size, "dropout": 0.0, **options}
         if shape.get("attn_impl") == "auto":  # as train.py would pick it here; decoding is fp32
             shape["attn_impl"] = choose_attn_impl(device_info(args.device), "32-true",
                                                   seq_len=shape["block_size"])
@@ -58,6 +72,61 @@ def tokens_per_sec(model, args, batch: int, context: int, use_cache: bool) -> fl
     return batch * args.new_tokens / best
 
 
+def kv_bytes_per_token(model: GPT, device: str) -> int:
+    """Bytes the KV caches hold per token, measured on their tensors after one full context."""
+    block = model.config.block_size
+    caches = [KVCache(block) for _ in model.blocks]
+    with torch.inference_mode():
+        model(torch.zeros(1, block, dtype=torch.long, device=device), kv_caches=caches)
+    return sum(t.element_size() * t.numel() for c in caches for t in c.stored()) // block
+
+
+def kv_table(args) -> None:
+    """Bytes the KV caches hold per token, and cached tokens/s, for each number of kv heads."""
+    n_head = build_model(args).config.n_head
+    mha_bytes = kv_bytes_per_token(build_model(args, n_kv_head=n_head), args.device)
+    print("| n_kv_head | KV cache bytes per token | smaller than multi-head by | "
+          "KV cache tokens/s |")
+    print("| --- | --- | --- | --- |")
+    for n_kv_head in args.kv_heads:
+        model = build_model(args, n_kv_head=n_kv_head)
+        per_token = kv_bytes_per_token(model, args.device)
+        speed = tokens_per_sec(model, args, 1, model.config.block_size // 2, use_cache=True)
+        label = {n_head: " (MHA)", 1: " (MQA)"}.get(n_kv_head, " (GQA)")
+        print(f"| {n_kv_head}{label} | {per_token:,} | {mha_bytes / per_token:.2f}x | "
+              f"{speed:,.0f} |", flush=True)
+
+
+def rate(stamps: list[float], first: int, last: int) -> float:
+    """Tokens per second from token ``first`` to token ``last``; stamps[i]: when token i was out
+    (stamps[0]: the start)."""
+    return (last - first) / (stamps[last] - stamps[first])
+
+
+def long_table(args) -> None:
+    """tokens/s along one long cached generation, learned positions against rotary ones."""
+    print(f"| positions | tokens/s, first 60 | tokens/s, last 1,000 | tokens/s, all {args.long:,} "
+          "| last 1,000 / first 60 |")
+    print("| --- | --- | --- | --- | --- |")
+    for pos_emb in ("learned", "rope"):
+        model = build_model(args, pos_emb=pos_emb)
+        prompt = torch.zeros(1, 1, dtype=torch.long, device=args.device)
+        best = None
+        for _ in range(args.repeats):
+            stamps = [time.perf_counter()]
+            for _ in model.stream(prompt, args.long, temperature=0):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+            if best is None or stamps[-1] - stamps[0] < best[-1] - best[0]:
+                best = stamps
+        n = args.long
+        first60, last, total = (rate(best, 0, min(60, n)), rate(best, n - min(1000, n), n),
+                                rate(best, 0, n))
+        print(f"| {pos_emb} | {first60:,.0f} | {last:,.0f} | {total:,.0f} | {last / first60:.2f} |",
+              flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
@@ -76,10 +145,20 @@ def main(argv=None):
     add_device_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's own choice)")
+    p.add_argument("--kv-heads", nargs="+", type=int, default=None,
+                   help="instead: the KV cache per token for these numbers of key/value heads")
+    p.add_argument("--long", type=int, default=None,
+                   help="instead: tokens/s along a generation of this many tokens, learned against "
+                        "rotary positions")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.kv_heads or args.long) and args.ckpt:
+        raise UsageError("--kv-heads and --long build the --config's shape with random weights; "
+                         "leave out --ckpt")
+    if args.long is not None and args.long < 1:
+        raise UsageError("--long must be at least 1")
     model = build_model(args)
     block = model.config.block_size
     contexts = args.contexts or sorted({1, block // 4, block // 2, block})
@@ -88,6 +167,10 @@ def main(argv=None):
           f"attn_impl {model.blocks[0].attn.attn_impl}, {args.new_tokens} new tokens, "
           f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of "
           f"{args.repeats}\n")
+    if args.kv_heads:
+        return kv_table(args)
+    if args.long:
+        return long_table(args)
     print("| batch | context | no cache tokens/s | KV cache tokens/s | speed-up |")
     print("| --- | --- | --- | --- | --- |")
     for batch in args.batch:

@@ -209,12 +209,19 @@ def _format(value) -> str:
     return str(value)
 
 
+def ms_per_step(run: Run) -> float | None:
+    """Mean training time per step, validation excluded: the throughput monitor's ``train/time``
+    (seconds of training so far) at its last step. Steps count from 0: at step s, s + 1 are done."""
+    points = run.series("train/time")
+    return 1000 * points[-1][1] / (points[-1][0] + 1) if points else None
+
+
 def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
     """A Markdown table: one row per run, the differing settings, then steps, time and metrics."""
     settings = differing(runs, all_settings)
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
-    header = ["run", *settings, "last step", "time (min)", f"best {metric}", f"final {metric}",
-              "final train/loss", *finals]
+    header = ["run", *settings, "last step", "time (min)", "ms/step", f"best {metric}",
+              f"final {metric}", "final train/loss", *finals]
     rows = []
     for run in runs:
         points = run.series(metric)
@@ -222,7 +229,7 @@ def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
                     default=None)
         time = run.last("val/wall_time_s")
         rows.append([run.name, *(run.config.get(k) for k in settings), steps,
-                     time / 60 if time is not None else None,
+                     time / 60 if time is not None else None, ms_per_step(run),
                      min((v for _, v in points), default=None),
                      points[-1][1] if points else None, run.last("train/loss"),
                      *(run.last(k) for k in finals)])

@@ -48,6 +48,20 @@ def gpt_maps(model, tokenizer, text: str) -> tuple[list[torch.Tensor], list[str]
     return layers, labels, labels
 
 
+def gpt_attention(config) -> str:
+    """The kind of self-attention a GPT config has, in words, for the figure's title."""
+    words = ["causal self-attention"]
+    if config.window is not None:
+        words.append(f"sliding window of {config.window}")
+    if config.n_kv_head not in (None, config.n_head):
+        words.append(f"{config.n_head} query heads sharing {config.n_kv_head} key/value heads")
+    if config.pos_emb == "rope":
+        words.append("rotary positions")
+    if config.qk_norm:
+        words.append("QK-norm")
+    return ", ".join(words)
+
+
 def seq2seq_maps(model, tokenizer, text: str, attention: str, beam: int):
     """Per decoder layer (nh, T_tgt, T_src) cross-attention (or (nh, T_tgt, T_tgt) self-attention)
     for the model's own translation of ``text``, and the labels of the rows and columns."""
@@ -68,10 +82,17 @@ def seq2seq_maps(model, tokenizer, text: str, attention: str, beam: int):
     return layers, rows, token_labels(tokenizer, src_ids) if attention == "cross" else rows
 
 
-def select(layers: list[torch.Tensor], layer: int | None, head: int | None, average: bool):
+def select(layers: list[torch.Tensor], layer: int | None, head: int | None, average: bool,
+           n_kv_head: int | None = None):
     """(title, (rows, cols) map) pairs: one head across layers, the mean of a layer's heads, or
-    its heads."""
+    its heads. With grouped-query attention (n_kv_head < n_head) each title names the key/value
+    head its query head shares."""
     n_layer, n_head = len(layers), layers[0].size(0)
+    group = n_head // (n_kv_head or n_head)
+
+    def name(h: int) -> str:
+        return f"head {h}" + (f" (kv head {h // group})" if group > 1 else "")
+
     if layer is not None and not -n_layer <= layer < n_layer:
         raise UsageError(f"--layer {layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
     if head is not None and not 0 <= head < n_head:
@@ -79,11 +100,11 @@ def select(layers: list[torch.Tensor], layer: int | None, head: int | None, aver
     if head is not None and (layer is not None or average):
         raise UsageError("--head shows one head in every layer; leave out --layer and --average")
     if head is not None:
-        return [(f"layer {i}, head {head}", w[head]) for i, w in enumerate(layers)]
+        return [(f"layer {i}, {name(head)}", w[head]) for i, w in enumerate(layers)]
     index = n_layer - 1 if layer is None else layer % n_layer
     if average:
         return [(f"layer {index}, mean of {n_head} heads", layers[index].mean(0))]
-    return [(f"layer {index}, head {h}", layers[index][h]) for h in range(n_head)]
+    return [(f"layer {index}, {name(h)}", layers[index][h]) for h in range(n_head)]
 
 
 def plot(maps, rows: list[str], cols: list[str], path: str, title: str) -> None:
@@ -136,7 +157,7 @@ def main(argv=None):
     model, tokenizer, kind = load_checkpoint(args.ckpt, pick_device(args.device))
     if kind == "gpt":
         layers, rows, cols = gpt_maps(model, tokenizer, args.text)
-        title = "causal self-attention (rows: queries, columns: keys)"
+        title = f"{gpt_attention(model.config)} (rows: queries, columns: keys)"
     else:
         layers, rows, cols = seq2seq_maps(model, tokenizer, args.text, args.attention, args.beam)
         rows_are = "rows: the decoder's input tokens, each predicting the next"
@@ -144,7 +165,8 @@ def main(argv=None):
             title = f"decoder cross-attention ({rows_are}; columns: source tokens)"
         else:
             title = f"decoder causal self-attention ({rows_are}; columns: keys)"
-    plot(select(layers, args.layer, args.head, args.average), rows, cols, args.out, title)
+    plot(select(layers, args.layer, args.head, args.average, model.config.n_kv_head), rows, cols,
+         args.out, title)
     print(f"wrote {args.out}")
 
 

@@ -7,7 +7,8 @@
 The checkpoint alone is enough: it holds the model's config and its tokenizer. Without a prompt,
 generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for
 GPT-2). Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
-block_size the context is cropped to its last half (see GPT._decode).
+block_size, a model with learned positions crops the context to its last half; one with rotary
+positions rolls its KV cache and reads a prompt of any length (see GPT._decode).
 """
 
 import argparse
@@ -24,16 +25,18 @@ from model.sampling import check_sampling_args
 from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
 
-def prompt_ids(tokenizer, prompt: str | None, block_size: int) -> list[int]:
+def prompt_ids(tokenizer, prompt: str | None, block_size: int | None) -> list[int]:
+    """The prompt's token ids; block_size: the longest prompt the model reads (None: any)."""
     if not prompt:
         return [tokenizer.start_token]
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as e:
         raise UsageError(f"the prompt cannot be encoded: {e}") from None
-    if len(ids) > block_size:
+    if block_size is not None and len(ids) > block_size:
         raise UsageError(f"the prompt is {len(ids)} tokens long; this model reads at most "
-                         f"{block_size} (its block_size). Shorten the prompt.")
+                         f"{block_size} (its block_size: its positions are learned). Shorten the "
+                         f"prompt.")
     return ids
 
 
@@ -93,7 +96,8 @@ def main(argv=None):
             raise UsageError(f"cannot read the prompt file: {e}") from None
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     model, tokenizer = load_gpt_checkpoint(args.ckpt, args.device)
-    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    learned = model.config.pos_emb == "learned"  # rotary positions read prompts of any length
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size if learned else None)
     head = tokenizer.decode(ids) if prompt else ""
     for i in range(args.num_samples):  # one at a time, with seed + i: the same text streamed or not
         generator = torch.Generator(args.device).manual_seed(args.seed + i)

@@ -161,7 +161,7 @@ def test_sample_script_seed_cache_stream_and_stop(checkpoint, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--ckpt", "missing.ckpt"], "no checkpoint at missing.ckpt"),
     (["--prompt", "The 🙂"], "cannot be encoded: characters not in the character vocabulary"),
-    (["--prompt", "The cat sat on the mat and then the dog ran"], "reads at most 32 \\(its block_size\\)"),
+    (["--prompt", "The cat sat on the mat and then the dog ran"], "reads at most 32 \\(its block_size: its positions are learned\\)"),
     (["--top-p", "2"], "top_p must be in"),
 ])
 def test_sample_script_bad_input(checkpoint, argv, message):

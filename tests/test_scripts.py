@@ -32,7 +32,12 @@ def foreign_cwd(tmp_path_factory) -> Path:
 def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     """Arguments for each script, on the smallest inputs it takes."""
     return {
-        "bench_attention": ["--paths", "naive", "sdpa", "--seq-lens", "16", "--repeats", "1",
+        "ablate_attention": ["--variants", "baseline", "all", "--out", str(out / "ablation"),
+                             "--plot", str(out / "ablation.png"), "--", "--data.source",
+                             str(ckpts["text"]), "--data.cache_dir", str(out / "cache"),
+                             *GPT_RUN],
+        "bench_attention": ["--paths", "naive", "sdpa", "--seq-lens", "16", "--windows", "none",
+                            "8", "--repeats", "1",
                             "--threads", "1", "--plot", str(out / "attention.png")],
         "bench_generate": ["--ckpt", str(ckpts["gpt"]), "--contexts", "1", "8", "--new-tokens", "4",
                            "--repeats", "1", "--threads", "1"],
@@ -51,7 +56,8 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     }
 
 
-EXPECTED_OUTPUT = {"bench_attention": "| T |", "bench_generate": "tokens/s",
+EXPECTED_OUTPUT = {"ablate_attention": "| all ", "bench_attention": "| T |",
+                   "bench_generate": "tokens/s",
                    "bench_train": "| auto:auto |", "compare_runs": "best val/loss",
                    "plot_attention": "", "prepare_data": "train", "sample": "The",
                    "translate": "sacreBLEU"}
