@@ -279,7 +279,12 @@ class GPTLightningModule(TrainModule):
 
     @property
     def shape(self) -> str:
-        return f"{self.model.config.n_layer}L{self.model.config.n_embd}d"
+        """e.g. 4L128d, or 4L128d-rope-kv2-w32-qknorm with the attention options set."""
+        c = self.model.config
+        options = [c.pos_emb if c.pos_emb != "learned" else "",
+                   f"kv{c.n_kv_head}" if c.n_kv_head not in (None, c.n_head) else "",
+                   f"w{c.window}" if c.window is not None else "", "qknorm" if c.qk_norm else ""]
+        return "-".join([f"{c.n_layer}L{c.n_embd}d", *filter(None, options)])
 
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
