@@ -25,7 +25,8 @@ from scripts._common import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 
-# variant -> the model.config fields it sets; "auto" values are resolved from the config's shape
+# variant -> the model.config fields it sets; "n_head/2" and "block_size/2" are resolved from
+# the shape the runs will have (run_shape)
 VARIANTS = {
     "baseline": {},
     "rope": {"pos_emb": "rope"},
@@ -45,25 +46,17 @@ def resolve(value, shape: dict):
     return value
 
 
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The last value given to ``flag`` in argv, as ``--flag value`` or ``--flag=value``."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def config_shape(path: Path, extra: list[str]) -> dict:
-    """n_head and block_size of the runs: the config's, or what the extra flags set."""
-    with open(path) as f:
-        config = yaml.safe_load(f)
-    n_head = flag_value(extra, "--model.config.n_head")
-    block_size = flag_value(extra, "--data.block_size")
-    return {"n_head": int(n_head or config.get("model", {}).get("config", {}).get("n_head", 6)),
-            "block_size": int(block_size or config["data"]["block_size"])}
+def run_shape(config: str, extra: list[str]) -> dict:
+    """n_head and block_size of the runs, from the config train.py would run with these flags
+    (LightningCLI's --print_config merges them as training does)."""
+    printed = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", config,
+                              *extra, "--print_config"], capture_output=True, text=True)
+    if printed.returncode != 0:
+        reason = printed.stderr.strip().splitlines()[-1].removeprefix("error: ")
+        raise UsageError(f"train.py refuses --config and the flags after '--' ({reason})")
+    merged = yaml.safe_load(printed.stdout)
+    return {"n_head": merged["model"]["config"]["n_head"],
+            "block_size": merged["data"]["block_size"]}
 
 
 def main(argv=None):
@@ -78,7 +71,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not Path(args.config).is_file():
         raise UsageError(f"no config at {args.config}")
-    shape = config_shape(Path(args.config), extra)
+    shape = run_shape(args.config, extra)
     folders = []
     for name in args.variants:
         fields = {k: resolve(v, shape) for k, v in VARIANTS[name].items()}

@@ -237,9 +237,9 @@ def main(argv=None):
     print(markdown(results, labels, args.seq_lens, "ms", "ms", "{:.1f}"))
     print()
     print(markdown(results, labels, args.seq_lens, "mib", "MiB", "{:.1f}"))
-    if len(lines := growth(results, labels, args.seq_lens).splitlines()) > 2:
+    if any(T // 2 in args.seq_lens for T in args.seq_lens if T % 2 == 0):
         print("\nGrowth when T doubles (2x: linear in T; 4x: quadratic)\n")
-        print("\n".join(lines))
+        print(growth(results, labels, args.seq_lens))
     if args.plot:
         plot(results, labels, args.plot, title)
         print(f"\nplot: {args.plot}")

@@ -81,9 +81,8 @@ def kv_bytes_per_token(model: GPT, device: str) -> int:
     return sum(t.element_size() * t.numel() for c in caches for t in c.stored()) // block
 
 
-def kv_table(args) -> None:
+def kv_table(args, n_head: int) -> None:
     """Bytes the KV caches hold per token, and cached tokens/s, for each number of kv heads."""
-    n_head = build_model(args).config.n_head
     mha_bytes = kv_bytes_per_token(build_model(args, n_kv_head=n_head), args.device)
     print("| n_kv_head | KV cache bytes per token | smaller than multi-head by | "
           "KV cache tokens/s |")
@@ -168,7 +167,7 @@ def main(argv=None):
           f"{device_info(args.device).describe()}, {torch.get_num_threads()} threads, best of "
           f"{args.repeats}\n")
     if args.kv_heads:
-        return kv_table(args)
+        return kv_table(args, model.config.n_head)
     if args.long:
         return long_table(args)
     print("| batch | context | no cache tokens/s | KV cache tokens/s | speed-up |")
