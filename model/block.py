@@ -1,23 +1,34 @@
-"""The transformer block both models are built from: pre-LayerNorm sublayers, each added to the
+"""The transformer block both models are built from: pre-norm sublayers, each added to the
 residual stream.
 
 * GPT and the seq2seq decoder: causal self-attention, MLP (the decoder adds cross-attention between
   them).
 * The seq2seq encoder: bidirectional self-attention (with a key padding mask), MLP.
+
+The block's norm is GPT-2's LayerNorm or RMSNorm, and its MLP GPT-2's GELU, the squared ReLU of
+modded-nanogpt and nanochat, or LLaMA's SwiGLU (``NORMS``, ``MLPS``).
 """
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
+
 
 def check_config(config, positive: tuple[str, ...]) -> None:
     """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width,
-    dropout in [0, 1) and an attention path that can serve it. Raises ValueError naming the field
-    and the fix."""
+    dropout in [0, 1), a known norm and MLP, and an attention path that can serve it. Raises
+    ValueError naming the field and the fix."""
     name = type(config).__name__
+    for field, choices in (("norm", NORMS), ("mlp", MLPS)):
+        value = getattr(config, field, choices[0])
+        if value not in choices:
+            raise ValueError(f"{name}.{field} {value!r} is unknown; choose one of {list(choices)}")
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"{name}.{field} must be at least 1, got {getattr(config, field)}")
@@ -44,10 +55,13 @@ def check_config(config, positive: tuple[str, ...]) -> None:
                          "another attn_impl")
 
 
-def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02,
+                 zero_out_proj: bool = False) -> None:
     """GPT-2's initialisation: N(0, std) weights (0.02 in GPT-2), zero biases, and the projections
     that write into the residual stream (``out_proj``) scaled down by 1/sqrt(2 * n_layer), n_layer
-    blocks adding to one stream."""
+    blocks adding to one stream. ``zero_out_proj``: those projections start at zero instead
+    (modded-nanogpt), so that every block starts as the identity and the stream as the embedding;
+    their gradients are not zero, so they move at the first step."""
     def init(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -57,25 +71,54 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
     model.apply(init)
     for name, p in model.named_parameters():
         if name.endswith("out_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+            if zero_out_proj:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+def make_norm(norm: str, n_embd: int, bias: bool) -> nn.Module:
+    """LayerNorm (centre, scale to unit variance, gain and bias) or RMSNorm (scale to unit root mean
+    square, gain only: no mean to subtract, one reduction fewer)."""
+    return nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else nn.RMSNorm(n_embd)
+
+
+def mlp_hidden_size(mlp: str, n_embd: int) -> int:
+    """The hidden width: 4 * n_embd; SwiGLU's two input matrices get 2/3 of it each (rounded up
+    to a multiple of 8), so that its MLP has about as many weights as the others'."""
+    if mlp == "swiglu":
+        return 8 * math.ceil(8 * n_embd / 3 / 8)
+    return 4 * n_embd
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool):
+    """out_proj(act(fc(x))): act is GELU (``gelu``) or relu(.)^2 (``relu2``: as cheap as ReLU,
+    smooth at 0 and sparse). ``swiglu``: fc makes two vectors, and silu(gate) * up goes on."""
+
+    def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool, mlp: str = "gelu"):
         super().__init__()
-        self.fc = nn.Linear(n_embd, hidden, bias=bias)
-        self.gelu = nn.GELU()
+        self.kind = mlp
+        self.fc = nn.Linear(n_embd, 2 * hidden if mlp == "swiglu" else hidden, bias=bias)
         self.out_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.out_proj(self.gelu(self.fc(x))))
+        h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for SwiGLU
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.out_proj(h))
 
 
 class Block(nn.Module):
     """x + attn(ln(x)), then (cross=True) x + cross_attn(ln(x), context), then x + mlp(ln(x)).
 
-    ``mlp_hidden`` defaults to 4 * n_embd; ``attn_impl`` is one of
+    ``norm`` and ``mlp``: see ``NORMS`` and ``MLPS``; ``mlp_hidden`` defaults to
+    ``mlp_hidden_size``; ``attn_impl`` is one of
     ``model.attention.ATTENTION_KERNELS``; ``n_kv_head`` and ``qk_norm`` apply to both attentions,
     ``window`` to the self-attention (``model.attention.MultiHeadAttention``).
     """
@@ -83,17 +126,17 @@ class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None,
                  dropout: float = 0.0, bias: bool = True, attn_impl: str = "sdpa", causal: bool,
                  cross: bool = False, mlp_hidden: int | None = None, window: int | None = None,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, norm: str = "layernorm", mlp: str = "gelu"):
         super().__init__()
         attn_args = dict(n_kv_head=n_kv_head, dropout=dropout, bias=bias, attn_impl=attn_impl,
                          qk_norm=qk_norm)
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.ln_1 = make_norm(norm, n_embd, bias)
         self.attn = MultiHeadAttention(n_embd, n_head, causal=causal, window=window, **attn_args)
-        self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
+        self.ln_cross = make_norm(norm, n_embd, bias) if cross else None
         self.cross_attn = (MultiHeadAttention(n_embd, n_head, cross=True, **attn_args) if cross
                            else None)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, dropout, bias)
+        self.ln_2 = make_norm(norm, n_embd, bias)
+        self.mlp = MLP(n_embd, mlp_hidden or mlp_hidden_size(mlp, n_embd), dropout, bias, mlp)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, kv_cache: KVCache | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,

@@ -5,7 +5,10 @@ to the token embedding (GPT-2's layout and initialisation).
 The attention of today's models is a config field away, each off by default: rotary positions
 instead of the learned table (``pos_emb="rope"``), grouped-query attention (``n_kv_head``),
 sliding windows (``window``) and QK-norm (``qk_norm``); see ``model/attention.py`` and
-``docs/attention.md``.
+``docs/attention.md``. So is the rest of a modern recipe (docs/training.md): RMSNorm
+(``norm``), a squared-ReLU or SwiGLU MLP (``mlp``), an LM head of its own
+(``tie_embeddings=False``), zero-initialised output projections (``zero_init_proj``) and a
+tanh cap on the logits (``logit_softcap``).
 """
 
 from collections.abc import Iterable, Iterator
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, flash_attn_func
-from .block import Block, check_config, init_weights
+from .block import Block, check_config, init_weights, make_norm
 from .rotary import rotary_angles
 from .sampling import check_sampling_args, sample_next
 
@@ -42,6 +45,13 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head; 1: MQA
     window: int | None = None  # sliding window: a query sees the `window` latest tokens; None: all
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before the scores
+    norm: str = "layernorm"  # the blocks' and the final norm: "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # the MLP's activation: "gelu", "relu2" (squared ReLU) or "swiglu"
+    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False: its own
+    zero_init_proj: bool = False  # output projections (attention's, MLP's) start at zero
+    # logits become softcap * tanh(logits / softcap): they stay within (-softcap, softcap), which
+    # keeps a fast-learning model from growing over-confident early (Gemma 2); None: no cap
+    logit_softcap: float | None = None
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
@@ -51,6 +61,9 @@ class GPTConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"GPTConfig.pos_emb 'rope' rotates pairs of dimensions: the head size "
                              f"n_embd / n_head ({self.n_embd // self.n_head}) must be even")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"GPTConfig.logit_softcap must be positive (or None: no cap), got "
+                             f"{self.logit_softcap}")
         if self.rope_theta <= 0:
             raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta}")
         if self.window is not None and not 1 <= self.window <= self.block_size:
@@ -84,25 +97,30 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config.n_embd, config.n_head, n_kv_head=config.n_kv_head,
                   dropout=config.dropout, bias=config.bias, attn_impl=config.attn_impl,
-                  causal=True, window=config.attn_window, qk_norm=config.qk_norm)
+                  causal=True, window=config.attn_window, qk_norm=config.qk_norm,
+                  norm=config.norm, mlp=config.mlp)
             for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds
 
-        init_weights(self, config.n_layer)
+        init_weights(self, config.n_layer, zero_out_proj=config.zero_init_proj)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the position embedding (the token embedding
-        counts, as it is also the LM head)."""
+        """Parameter count; by default without the embedding tables, which are looked up, not
+        multiplied: the position table, and the token table unless it is also the LM head."""
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
+        if non_embedding:
+            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+            n -= self.wte.weight.numel() if not self.config.tie_embeddings else 0
+        return n
 
     def flops_per_token(self, T: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token of a length-T sequence (default
-        block_size): 6 per weight (2 forward, 4 backward), plus 12 * n_layer * n_embd * T for the
-        attention scores and the weighted sum of values (PaLM, appendix B), T capped at the
-        window."""
+        block_size): 6 per weight that multiplies (2 forward, 4 backward), plus
+        12 * n_layer * n_embd * T for the attention scores and the weighted sum of values (PaLM,
+        appendix B), T capped at the window."""
         c = self.config
         T = min(T or c.block_size, c.attn_window or c.block_size)
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
@@ -135,6 +153,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=kv_caches[i] if kv_caches else None, rotary=rotary)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:  # squashed smoothly into (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
