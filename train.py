@@ -61,7 +61,7 @@ from torch.nn import functional as F
 from data.lm import LMDataModule
 from data.tokenizers import tokenizer_from_dict
 from data.translation import TranslationDataModule
-from model import GPTConfig, Seq2SeqConfig
+from model import Block, GPTConfig, Seq2SeqConfig
 from model.checkpoint import MODELS, read_checkpoint
 from model.device import (
     DeviceInfo,
@@ -71,6 +71,7 @@ from model.device import (
     resolve_device,
     slow_precision_warning,
 )
+from model.optim import CombinedOptimizer, Muon
 from model.translate import bleu, bleu_signature, translate
 from scripts._common import exit_code
 
@@ -89,14 +90,29 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, not on biases, norms or embeddings."""
+OPTIMIZERS = ("adamw", "muon")
+
+
+def hidden_matrices(module: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices inside the transformer blocks (attention and MLP projections): Muon's.
+    Not the embeddings and the LM head, which map tokens, not features."""
+    in_blocks = {id(m.weight) for block in module.modules() if isinstance(block, Block)
+                 for m in block.modules() if isinstance(m, nn.Linear)}
+    return [p for p in module.parameters() if id(p) in in_blocks]
+
+
+def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 exclude: list[nn.Parameter] = ()) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, not on biases, norms or embeddings
+    (``decay_embeddings``: on embeddings too, as nanoGPT does). ``exclude``: parameters another
+    optimizer trains."""
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    params = list(module.parameters())  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    excluded = {id(p) for p in exclude}
+    params = [p for p in module.parameters() if id(p) not in excluded]  # tied weights appear once
+    decayed = [p for p in params if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)]
+    not_decayed = [p for p in params if all(p is not q for q in decayed)]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": not_decayed, "weight_decay": 0.0}]
 
 
 class NonFiniteLoss(ValueError):
@@ -117,11 +133,12 @@ class Interrupted(Exception):
 
 
 class TrainModule(L.LightningModule):
-    """What both models' training shares: AdamW, linear warmup then cosine decay to ``min_lr``
-    stepped per optimizer step; the tokenizer, taken from the data module; val perplexity, gradient
-    norm and wall time; and, in every checkpoint, what Lightning does not keep itself (the format is
-    in model/checkpoint.py): the model kind, the tokenizer, the random states, the wall time and the
-    run's folder. Subclasses set ``kind`` (a key of ``model.checkpoint.MODELS``) and ``shape``
+    """What both models' training shares: AdamW (or Muon for the blocks' matrices beside it), linear
+    warmup then cosine decay to ``min_lr`` stepped per optimizer step; the tokenizer, taken from
+    the data module; val perplexity, gradient norm, wall time and training time; and, in every
+    checkpoint, what Lightning does not keep itself (the format is in model/checkpoint.py): the
+    model kind, the tokenizer, the random states, the wall and validation times and the run's
+    folder. Subclasses set ``kind`` (a key of ``model.checkpoint.MODELS``) and ``shape``
     (layers and width, for run names)."""
 
     kind: str
@@ -143,6 +160,9 @@ class TrainModule(L.LightningModule):
         self.run_info: dict | None = None  # the run's id, name and folder (set by the CLI)
         self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
         self._fit_start: float | None = None
+        self._val_seconds = 0.0  # of that wall time, seconds spent validating (resumes included)
+        self._val_began: float | None = None  # when the validation under way began
+        self.val_started_at = (0.0, 0.0)  # (wall time, training time) when the last one began
         self._rng_to_restore: dict | None = None
 
     def setup(self, stage: str):
@@ -160,13 +180,26 @@ class TrainModule(L.LightningModule):
         if decay_steps is None or decay_steps < 1:
             raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps "
                              "or --model.lr_decay_steps")
+        if hp.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--model.optimizer {hp.optimizer!r} is unknown; choose one of "
+                             f"{list(OPTIMIZERS)}")
         # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses
         # to clip the gradients of a fused optimizer under mixed precision, so AMP runs take the
         # multi-tensor (foreach) one, which is not PyTorch's default on CPU (a loop over parameters)
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
         fused = self.device.type in ("cuda", "cpu") and not mixed
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas), fused=fused, foreach=not fused)
+        muon_params = hidden_matrices(self.model) if hp.optimizer == "muon" else []
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay, hp.decay_embeddings, exclude=muon_params),
+            lr=hp.lr, betas=tuple(hp.betas), fused=fused, foreach=not fused)
+        if muon_params:
+            # PyTorch's Muon runs its Newton-Schulz iterations in bf16, emulated (slow) on a device
+            # without bf16 arithmetic: there they run in fp32 (model/optim.py)
+            ns_dtype = torch.bfloat16 if device_info(self.device.type).bf16 else torch.float32
+            muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum,
+                        weight_decay=hp.weight_decay, ns_dtype=ns_dtype)
+            optimizer = CombinedOptimizer(optimizer, muon)
+        # one schedule for every group: each group's own peak lr times the same multiplier
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
                            min_ratio=hp.min_lr / hp.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -187,6 +220,14 @@ class TrainModule(L.LightningModule):
                                 f"precision")
         return loss
 
+    def on_validation_start(self):
+        self.val_started_at = (self.wall_time(), self.train_time())
+        self._val_began = time.perf_counter()
+
+    def on_validation_end(self):  # after the callbacks': the checkpoint saved here counts too
+        self._val_seconds += time.perf_counter() - self._val_began
+        self._val_began = None
+
     def on_validation_epoch_start(self):
         self._val_nll = torch.zeros(2, device=self.device)  # NLL summed over target tokens; count
 
@@ -201,7 +242,11 @@ class TrainModule(L.LightningModule):
         nll, tokens = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")  # all processes
         self.log("val/ppl", torch.exp(nll / tokens), sync_dist=True)  # the same on every process
         if self._fit_start is not None and not self.trainer.sanity_checking:
-            self.log("val/wall_time_s", self.wall_time(), sync_dist=True)  # val loss against time
+            # val loss against time: the wall time, and the training time (validations left out),
+            # that training took to reach these weights
+            wall, train = self.val_started_at
+            self.log("val/wall_time_s", wall, sync_dist=True)
+            self.log("val/train_time_s", train, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):
         if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping, unscaled
@@ -220,6 +265,7 @@ class TrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
         checkpoint["wall_time_s"] = self.wall_time()
+        checkpoint["val_time_s"] = self.validation_time()
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -233,6 +279,7 @@ class TrainModule(L.LightningModule):
             raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a "
                              f"{self.kind} run")
         self._elapsed_before = checkpoint.get("wall_time_s", 0.0)
+        self._val_seconds = checkpoint.get("val_time_s", 0.0)
         self._rng_to_restore = checkpoint.get("rng_states")
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
@@ -256,6 +303,17 @@ class TrainModule(L.LightningModule):
             return self._elapsed_before
         return time.perf_counter() - self._fit_start
 
+    def validation_time(self) -> float:
+        """Of ``wall_time``, the seconds spent validating: val loss, samples, BLEU, and the
+        checkpoints saved at validations (the sanity check's included)."""
+        running = time.perf_counter() - self._val_began if self._val_began is not None else 0.0
+        return self._val_seconds + running
+
+    def train_time(self) -> float:
+        """``wall_time`` less ``validation_time``: the speedrun's measure, which does not change
+        with how often a run validates."""
+        return self.wall_time() - self.validation_time()
+
 
 class GPTLightningModule(TrainModule):
     """Trains ``model.GPT`` on (x, y) windows of a corpus from ``LMDataModule``.
@@ -267,8 +325,14 @@ class GPTLightningModule(TrainModule):
         warmup_steps: optimizer steps of linear warmup.
         lr_decay_steps: optimizer step where the cosine reaches ``min_lr``; default
             ``trainer.max_steps``.
-        weight_decay: AdamW weight decay of the weight matrices.
+        weight_decay: weight decay of the weight matrices (AdamW's and Muon's, decoupled).
         betas: AdamW betas.
+        optimizer: ``adamw`` for every parameter, or ``muon``: Muon (model/optim.py) for the
+            weight matrices inside the blocks, AdamW at ``lr`` for the rest (embeddings, LM head,
+            norms, biases).
+        muon_lr: Muon's peak learning rate, on the same warmup and decay as ``lr``.
+        muon_momentum: Muon's momentum (Nesterov).
+        decay_embeddings: weight decay on the embeddings too (nanoGPT's choice; off by default).
         compile: compile the model with ``torch.compile`` (in place: checkpoint keys are unchanged).
         val_samples: samples generated at each validation (0: none), logged as text and, with
             wandb, a table.
@@ -289,6 +353,8 @@ class GPTLightningModule(TrainModule):
     def __init__(self, config: GPTConfig = GPTConfig(), lr: float = 1e-3, min_lr: float = 1e-4,
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
+                 muon_momentum: float = 0.95, decay_embeddings: bool = False,
                  compile: bool = False, val_samples: int = 2, val_sample_tokens: int = 200):
         super().__init__(config)
         self._flops_shape = None
@@ -338,7 +404,8 @@ class Seq2SeqLightningModule(TrainModule):
 
     Args:
         config: the model's shape (``vocab_size`` and ``max_len`` come from the data).
-        lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas: as for GPTLightningModule.
+        lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas, optimizer, muon_lr,
+            muon_momentum, decay_embeddings: as for GPTLightningModule.
         val_bleu: translate the validation set with greedy search at each validation and log
             sacreBLEU (``val/bleu``, ``val/bleu_lc``), with a few examples.
         beam_size: beam for the BLEU at the end of training (``final/bleu``).
@@ -358,6 +425,8 @@ class Seq2SeqLightningModule(TrainModule):
     def __init__(self, config: Seq2SeqConfig = Seq2SeqConfig(), lr: float = 1.5e-3,
                  min_lr: float = 1e-4, warmup_steps: int = 400, lr_decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
+                 muon_momentum: float = 0.95, decay_embeddings: bool = False,
                  val_bleu: bool = True, beam_size: int = 4, length_penalty: float = 0.6,
                  tune_length_penalty: list[float] | None = None):
         super().__init__(config)
@@ -499,6 +568,52 @@ class Throughput(ThroughputMonitor):
             self.available_flops = self.peak_flops
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.peak_flops
+
+
+class TargetLoss(L.Callback):
+    """Time to a target loss: the first validation whose ``val/loss`` is at most ``loss``, with the
+    step, wall time and training time (wall time less validations) that reached it. Printed when it
+    happens and at the end of training (``summary``), logged once as ``target/step``,
+    ``target/wall_time_s`` and ``target/train_time_s``, and kept in checkpoints (a resumed run
+    still knows). train.py adds it for ``--target_loss``. The resolution is the validation
+    interval: the target was reached at most ``val_check_interval`` steps earlier."""
+
+    def __init__(self, loss: float):
+        if not loss > 0:
+            raise ValueError(f"--target_loss must be a positive loss, got {loss}")
+        self.loss = loss
+        self.reached: dict | None = None
+        self.best: float | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or value is None:
+            return
+        self.best = min(value.item(), self.best if self.best is not None else math.inf)
+        if self.reached is not None or value.item() > self.loss:
+            return
+        wall, train = pl_module.val_started_at
+        self.reached = {"step": trainer.global_step, "wall_time_s": wall, "train_time_s": train,
+                        "val_loss": value.item()}
+        rank_zero_info(f"\n{self.summary()}")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"target/{key}": value for key, value in self.reached.items()},
+                               step=trainer.global_step)
+
+    def summary(self) -> str:
+        if self.reached is None:
+            best = f" (best {self.best:.4f})" if self.best is not None else ""
+            return f"val/loss has not reached the target {self.loss}{best}"
+        r = self.reached
+        return (f"Time to val/loss <= {self.loss}: step {r['step']}, {r['train_time_s']:.1f} s of "
+                f"training ({r['wall_time_s']:.1f} s wall time with validations; val/loss "
+                f"{r['val_loss']:.4f})")
+
+    def state_dict(self) -> dict:
+        return {"reached": self.reached, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.reached, self.best = state_dict["reached"], state_dict["best"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -784,6 +899,9 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_argument("--target_loss", type=float | None, default=None,
+                            help="report the step and time at which val/loss first reaches this "
+                                 "(train.TargetLoss)")
 
     def before_instantiate_classes(self):
         """Resolve ``auto`` precision and attention path from what the device can do
@@ -903,6 +1021,8 @@ class CLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         callbacks = _as_list(config.trainer.get("callbacks"))
+        if config.get("target_loss") is not None:
+            callbacks.append(TargetLoss(config.target_loss))
         if config.trainer.get("enable_progress_bar") is not False and \
                 not any(isinstance(callback, ProgressBar) for callback in callbacks):
             # the bar redraws when the loggers write, not at every step: on the CPU config a
@@ -932,6 +1052,9 @@ class CLI(LightningCLI):
             rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} "
                            f"(val/loss {ckpt.best_model_score:.4f})")
         self.model.evaluate_after_fit()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, TargetLoss):
+                rank_zero_info(callback.summary())
         self.finish_run()
 
     def after_validate(self):
