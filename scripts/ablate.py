@@ -1,19 +1,24 @@
-"""Train one config with each attention option alone and with all of them, one run after another
-on this machine, then print one table: best validation loss and ms/step of each.
+"""Ablations: train a baseline config with each change alone and with all of them, one run after
+another on this machine, then print one table (scripts/compare_runs.py's) and plot val/loss against
+step and wall time.
 
-    python scripts/ablate_attention.py                      # the CPU config, 2000 steps per run
-    python scripts/ablate_attention.py --variants baseline rope --out runs/ablation \
-        -- --trainer.max_steps 500 --trainer.precision bf16-mixed
+    python scripts/ablate.py attention                 # the attention options on the CPU config
+    python scripts/ablate.py recipe                    # nanoGPT's CPU recipe -> ours, to val 1.88
+    python scripts/ablate.py recipe --variants baseline muon recipe --out runs/ablation \\
+        -- --trainer.max_steps 500 --seed_everything 1338
 
-Each variant is train.py's config plus the model options in VARIANTS; what follows ``--`` goes to
-every run's train.py command line. Runs land in --out/<project>/<variant>-<id>/ (compare them again
-later with scripts/compare_runs.py). The table's ms/step is training time only (no validation): run
-nothing else on the machine meanwhile, or the times are not comparable.
+A study (STUDIES) is a baseline config, its variants (train.py flags added to it; a variant that
+gives --config replaces the baseline config) and the flags every run of it gets. What follows
+``--`` goes to every run's train.py command line, after those. Runs land in
+--out/<project>/<variant>-<id>/ (compare them again later with scripts/compare_runs.py). Times are
+training time (validations left out): run nothing else on the machine meanwhile, or they are not
+comparable.
 """
 
 import argparse
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
@@ -25,25 +30,58 @@ from scripts._common import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 
-# variant -> the model.config fields it sets; "n_head/2" and "block_size/2" are resolved from
-# the shape the runs will have (run_shape)
-VARIANTS = {
-    "baseline": {},
-    "rope": {"pos_emb": "rope"},
-    "gqa": {"n_kv_head": "n_head/2"},
-    "mqa": {"n_kv_head": 1},
-    "window": {"window": "block_size/2"},
-    "qk_norm": {"qk_norm": True},
-    "all": {"pos_emb": "rope", "n_kv_head": "n_head/2", "window": "block_size/2", "qk_norm": True},
+
+@dataclass
+class Study:
+    config: str  # the baseline's config, relative to the repository
+    variants: dict[str, list[str]]  # name -> train.py flags; "n_head/2", "block_size/2" resolved
+    flags: list[str] = field(default_factory=list)  # every run's
+    target: float | None = None  # compare_runs --target: steps and seconds to this val/loss
+
+
+def model(**fields) -> list[str]:
+    """--model.config.* flags; booleans as YAML spells them."""
+    return [f"--model.config.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in fields.items()]
+
+
+STUDIES = {
+    # docs/attention.md section 9.5: the attention options of today's models, alone and together
+    "attention": Study("configs/shakespeare_char_cpu.yaml", {
+        "baseline": [],
+        "rope": model(pos_emb="rope"),
+        "gqa": model(n_kv_head="n_head/2"),
+        "mqa": model(n_kv_head=1),
+        "window": model(window="block_size/2"),
+        "qk_norm": model(qk_norm=True),
+        "all": model(pos_emb="rope", n_kv_head="n_head/2", window="block_size/2", qk_norm=True),
+    }),
+    # docs/recipe.md: from nanoGPT's CPU recipe to configs/shakespeare_char_cpu.yaml, each change
+    # alone; validating every 100 steps finds the step that reaches 1.88 to within 100
+    "recipe": Study("configs/shakespeare_char_cpu_nanogpt.yaml", {
+        "baseline": [],
+        "lr3e-3": ["--model.lr=3e-3", "--model.min_lr=3e-4"],
+        "no_embedding_decay": ["--model.decay_embeddings=false"],
+        "rope": model(pos_emb="rope"),
+        "qk_norm": model(qk_norm=True),
+        "relu2": model(mlp="relu2"),
+        "rmsnorm": model(norm="rmsnorm"),
+        "untied": model(tie_embeddings=False),
+        "zero_init": model(zero_init_proj=True),
+        "softcap": model(logit_softcap=15),
+        "muon": ["--model.optimizer=muon"],
+        "recipe": ["--config=configs/shakespeare_char_cpu.yaml"],
+    }, flags=["--trainer.val_check_interval=100", "--target_loss=1.88"], target=1.88),
 }
 
 
-def resolve(value, shape: dict):
-    """'n_head/2' -> half the config's n_head (at least 1); other values as they are."""
-    if isinstance(value, str) and "/" in value:
-        field, divisor = value.split("/")
-        return max(1, shape[field] // int(divisor))
-    return value
+def resolve(flag: str, shape: dict) -> str:
+    """'--x=n_head/2' -> '--x=2' for n_head 4 (at least 1); other flags as they are."""
+    name, _, value = flag.partition("=")
+    field_name, slash, divisor = value.partition("/")
+    if slash and field_name in shape:
+        return f"{name}={max(1, shape[field_name] // int(divisor))}"
+    return flag
 
 
 def run_shape(config: str, extra: list[str]) -> dict:
@@ -64,28 +102,38 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("study", choices=list(STUDIES), help="the baseline and its variants")
+    p.add_argument("--config", default=None, help="another baseline config than the study's")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="the variants to run, in order (default: all of the study's)")
     p.add_argument("--out", default="runs/ablation", help="the runs' save_dir")
-    p.add_argument("--plot", default="ablate_attention.png", help="val/loss curves, one per run")
+    p.add_argument("--plot", default=None, help="val/loss curves (default: ablate_<study>.png)")
     args = p.parse_args(argv)
-    if not Path(args.config).is_file():
-        raise UsageError(f"no config at {args.config}")
-    shape = run_shape(args.config, extra)
+    study = STUDIES[args.study]
+    unknown = set(args.variants or ()) - set(study.variants)
+    if unknown:
+        raise UsageError(f"{', '.join(sorted(unknown))}: not a variant of the {args.study} study; "
+                         f"choose from {', '.join(study.variants)}")
+    config = args.config or str(REPO / study.config)
+    if not Path(config).is_file():
+        raise UsageError(f"no config at {config}")
+    shape = run_shape(config, extra)
     folders = []
-    for name in args.variants:
-        fields = {k: resolve(v, shape) for k, v in VARIANTS[name].items()}
-        overrides = [f"--model.config.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                     for k, v in fields.items()]
-        command = [sys.executable, str(REPO / "train.py"), "fit", "--config", args.config,
-                   f"--run.save_dir={args.out}", f"--run.name={name}", "--run.group=ablation",
-                   *overrides, *extra]
-        print(f"\n== {name}: {' '.join(overrides) or 'the config as it is'}", flush=True)
+    for name in args.variants or study.variants:
+        flags = [resolve(flag, shape) for flag in study.variants[name]]
+        own_config = [flag for flag in flags if flag.startswith("--config")]
+        base = [] if own_config else ["--config", config]
+        command = [sys.executable, str(REPO / "train.py"), "fit", *base, *flags,
+                   f"--run.save_dir={args.out}", f"--run.name={name}",
+                   f"--run.group=ablate-{args.study}", *study.flags, *extra]
+        print(f"\n== {name}: {' '.join(flags) or 'the baseline config as it is'}", flush=True)
         before = set(Path(args.out).glob(f"*/{name}-*"))
         subprocess.run(command, check=True)
         folders += sorted(set(Path(args.out).glob(f"*/{name}-*")) - before)
     print()
-    compare_runs.main([*map(str, folders), "--plot", args.plot])
+    target = ["--target", str(study.target)] if study.target is not None else []
+    compare_runs.main([*map(str, folders), "--plot", args.plot or f"ablate_{args.study}.png",
+                       *target])
 
 
 if __name__ == "__main__":

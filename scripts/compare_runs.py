@@ -6,6 +6,7 @@ best metrics, and a PNG of a validation metric against step and against wall tim
     python scripts/compare_runs.py --wandb my-team/mini-gpt \
         --filters '{"config.model.lr": {"$gte": 0.001}}'
     python scripts/compare_runs.py RUN_A RUN_B --plot val_loss.png --metric val/ppl
+    python scripts/compare_runs.py runs/mini-gpt/* --target 1.88      # steps and seconds to 1.88
 
 A run folder is what train.py writes (config, metrics.csv, checkpoints, wandb); a CSV alone works
 too, with the config taken from the hparams.yaml beside it. --wandb reads a project online (needs
@@ -216,12 +217,29 @@ def ms_per_step(run: Run) -> float | None:
     return 1000 * points[-1][1] / (points[-1][0] + 1) if points else None
 
 
-def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
-    """A Markdown table: one row per run, the differing settings, then steps, time and metrics."""
+def to_target(run: Run, metric: str, target: float) -> tuple[int | None, float | None,
+                                                               float | None]:
+    """The first validation at which ``metric`` is at most ``target``: the optimizer steps done
+    then (the logged step, 0-based, plus one), and the training time (validations left out) and
+    wall time that reached it; Nones where it never was (or, for the times, where the run did not
+    log them: runs of older code lack val/train_time_s)."""
+    for step, value in run.series(metric):
+        if value <= target:
+            return (step + 1, run.history.get("val/train_time_s", {}).get(step),
+                    run.history.get("val/wall_time_s", {}).get(step))
+    return None, None, None
+
+
+def table(runs: list[Run], metric: str, all_settings: bool = False,
+          target: float | None = None) -> str:
+    """A Markdown table: one row per run, the differing settings, then steps, time and metrics;
+    with ``target``, the steps and seconds each run took to reach it first."""
     settings = differing(runs, all_settings)
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
+    reach = ([f"steps to {target:g}", f"train s to {target:g}", f"wall s to {target:g}"]
+             if target is not None else [])
     header = ["run", *settings, "last step", "time (min)", "ms/step", f"best {metric}",
-              f"final {metric}", "final train/loss", *finals]
+              f"final {metric}", "final train/loss", *reach, *finals]
     rows = []
     for run in runs:
         points = run.series(metric)
@@ -232,6 +250,7 @@ def table(runs: list[Run], metric: str, all_settings: bool = False) -> str:
                      time / 60 if time is not None else None, ms_per_step(run),
                      min((v for _, v in points), default=None),
                      points[-1][1] if points else None, run.last("train/loss"),
+                     *(to_target(run, metric, target) if target is not None else ()),
                      *(run.last(k) for k in finals)])
     cells = [header] + [[_format(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -282,6 +301,9 @@ def parse_args(argv=None):
                    help="with --wandb: at most this many runs, newest first")
     p.add_argument("--metric", default="val/loss", help="the metric to rank and plot")
     p.add_argument("--plot", default="compare_runs.png", help="where to write the PNG")
+    p.add_argument("--target", type=float, default=None,
+                   help="also the step, training seconds and wall seconds at which each run's "
+                        "metric first reached this value (or went below it)")
     p.add_argument("--all-settings", action="store_true",
                    help="also settings that only some of the runs have (by default, those all runs "
                         "have)")
@@ -316,7 +338,7 @@ def main(argv=None):
     if not any(args.metric in run.history for run in runs):
         raise UsageError(f"no run logged {args.metric!r}; logged: "
                            f"{', '.join(sorted({k for run in runs for k in run.history}))}")
-    print(table(runs, args.metric, args.all_settings))
+    print(table(runs, args.metric, args.all_settings, args.target))
     plot(runs, args.metric, args.plot)
     print(f"\nWrote {args.plot}: {args.metric} against step and wall time")
 
