@@ -106,7 +106,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("checkpoints")
     (root / "text.txt").write_text(make_text())
+    # learned positions: the tests of block_size's limit need them (rotary checkpoints are tested
+    # in test_attention_options.py)
     main(tiny_run(root / "text.txt", root / "runs", "--data.block_size", "32", "--model.lr", "1e-2",
+                  "--model.config.pos_emb", "learned",
                   "--model.config.n_layer", "2", "--trainer.max_steps", "30",
                   "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "1",
                   "--run.name", "gpt"))

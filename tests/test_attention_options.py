@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import fit, run_folders
 
 from model import (
     ATTENTION_KERNELS,
@@ -386,18 +387,25 @@ def test_captured_maps_show_the_window_band_and_every_query_head():
 # ------------------------------------------------------------------ checkpoints
 
 
-def test_a_checkpoint_from_before_these_options_still_loads_and_samples(checkpoints, tmp_path):
-    """Checkpoints written before this change have none of the new config fields; their weights
-    have the same names and shapes, so the defaults rebuild the same model."""
-    ckpt = torch.load(checkpoints["gpt"], weights_only=True)
+def test_a_checkpoint_from_before_these_options_still_loads_and_samples(text_file, tmp_path):
+    """Checkpoints written before the attention options and the recipe's model options have none
+    of their config fields; their weights have the same names and shapes, so the defaults rebuild
+    the same model."""
+    fit(text_file, tmp_path, "--model.config.pos_emb", "learned", "--model.config.qk_norm", "false",
+        "--model.config.mlp", "gelu", "--model.config.tie_embeddings", "true",
+        "--model.optimizer", "adamw")  # GPT-2's layout, as every model was before the options
+    folder, = run_folders(tmp_path)
+    path = folder / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
-    new_fields = {"pos_emb", "rope_theta", "n_kv_head", "window", "qk_norm"}
+    new_fields = {"pos_emb", "rope_theta", "n_kv_head", "window", "qk_norm", "mlp", "norm",
+                  "tie_embeddings", "zero_init_proj", "logit_softcap"}
     assert new_fields <= set(config)
     ckpt["hyper_parameters"]["config"] = {k: v for k, v in config.items() if k not in new_fields}
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     model, tokenizer = load_gpt_checkpoint(old)
-    current, _ = load_gpt_checkpoint(checkpoints["gpt"])
+    current, _ = load_gpt_checkpoint(path)
     assert model.config == current.config
     prompt = torch.tensor([tokenizer.encode("the ")])
     sample = model.generate(prompt, 20, temperature=0)

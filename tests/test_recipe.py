@@ -5,11 +5,12 @@ loss."""
 import copy
 import csv
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit, run_folders
+from conftest import REPO, fit, run_folders
 from torch import nn
 
 from model import GPT, GPTConfig
@@ -241,8 +242,9 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def test_a_recipe_run_learns_saves_and_its_checkpoint_loads(text_file, tmp_path):
-    fit(text_file, tmp_path, *RECIPE, "--trainer.max_steps", "40", "--trainer.val_check_interval",
-        "20", "--model.val_samples", "1", "--model.val_sample_tokens", "8")
+    fit(text_file, tmp_path, *RECIPE, "--model.warmup_steps", "5", "--trainer.max_steps", "40",
+        "--trainer.val_check_interval", "20", "--model.val_samples", "1",
+        "--model.val_sample_tokens", "8")
     folder, = run_folders(tmp_path)
     assert "rope" in folder.name and "qknorm" in folder.name
     val = [float(r["val/loss"]) for r in metrics(folder) if r["val/loss"]]
@@ -255,10 +257,10 @@ def test_a_recipe_run_learns_saves_and_its_checkpoint_loads(text_file, tmp_path)
         assert model(idx[:, :-1], idx[:, 1:])[1].item() < val[0]
 
 
-def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, capsys):
+def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     fit(text_file, tmp_path, "--target_loss", "3.0", "--trainer.max_steps", "30",
-        "--trainer.val_check_interval", "10")
-    out = capsys.readouterr()
+        "--trainer.val_check_interval", "10", "--model.warmup_steps", "5")
     folder, = run_folders(tmp_path)
     rows = metrics(folder)
     val = [(int(r["step"]), float(r["val/loss"]), float(r["val/train_time_s"]),
@@ -268,16 +270,18 @@ def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caps
     target = {k: float(v) for r in rows for k, v in r.items() if k.startswith("target/") and v}
     assert target["target/step"] == first[0] + 1  # the CSV's step is the last one done, 0-based
     assert target["target/train_time_s"] == pytest.approx(first[2])
-    assert f"Time to val/loss <= 3.0: step {first[0] + 1}," in out.out + out.err
+    assert f"Time to val/loss <= 3.0: step {first[0] + 1}," in caplog.text
     run = compare_runs.load(str(folder))
     assert compare_runs.to_target(run, "val/loss", 3.0) == (first[0] + 1, first[2], first[3])
     assert compare_runs.to_target(run, "val/loss", 0.01) == (None, None, None)
+    assert compare_runs.ms_per_step(run) == pytest.approx(1000 * val[-1][2] / (val[-1][0] + 1))
     assert "| steps to 3 |" in compare_runs.table([run], "val/loss", target=3.0).replace("  ", "")
 
 
-def test_an_unreached_target_says_so_and_a_bad_one_is_refused(text_file, tmp_path, capsys):
+def test_an_unreached_target_says_so_and_a_bad_one_is_refused(text_file, tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO)
     fit(text_file, tmp_path / "a", "--target_loss", "0.001", "--trainer.max_steps", "10")
-    assert "has not reached the target 0.001 (best " in capsys.readouterr().err
+    assert "has not reached the target 0.001 (best " in caplog.text
     assert cli(["fit", "--config", "configs/shakespeare_char_cpu.yaml", "--target_loss", "-1",
                 "--data.source", str(text_file), "--run.save_dir", str(tmp_path / "b")]) == 1
     assert "--target_loss must be a positive loss" in capsys.readouterr().err
@@ -299,5 +303,6 @@ def test_ablation_variants_resolve_from_the_runs_shape_and_unknown_ones_are_refu
     assert ablate.resolve("--model.config.window=block_size/2", shape) == \
         "--model.config.window=32"
     assert ablate.resolve("--model.lr=3e-3", shape) == "--model.lr=3e-3"
+    assert ablate.resolve("--config=configs/x.yaml", shape) == f"--config={REPO}/configs/x.yaml"
     with pytest.raises(UsageError, match="not a variant of the recipe study"):
         ablate.main(["recipe", "--variants", "baseline", "gqa"])

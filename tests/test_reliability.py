@@ -22,10 +22,12 @@ def losses(folder: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
 
 
-def test_n_steps_then_resume_then_n_steps_equals_2n_steps_straight(text_file, tmp_path):
-    """Model, optimizer, schedule, step, random state (dropout) and data position all come back."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_n_steps_then_resume_then_n_steps_equals_2n_steps_straight(text_file, tmp_path, optimizer):
+    """Model, optimizer (both of Muon's pair), schedule, step, random state (dropout) and data
+    position all come back."""
     same = ["--model.config.dropout", "0.2", "--model.lr_decay_steps", "24", "--trainer.log_every_n_steps", "1",
-            "--trainer.val_check_interval", "12"]
+            "--trainer.val_check_interval", "12", "--model.optimizer", optimizer]
     fit(text_file, tmp_path / "straight", *same, "--trainer.max_steps", "24")
     fit(text_file, tmp_path / "resumed", *same, "--trainer.max_steps", "12")
     folder, = run_folders(tmp_path / "resumed")

@@ -32,7 +32,8 @@ def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_f
     cpu = device_info("cpu")  # the config's auto precision and attention path, resolved for this CPU
     precision = choose_precision(cpu)
     attn_impl = choose_attn_impl(cpu, precision, seq_len=16)
-    name = f"shakespeare_char_cpu-1L16d-{attn_impl}-{precision}"  # config stem, shape, attention path, precision
+    # config stem, shape (with the recipe's attention options), attention path, precision
+    name = f"shakespeare_char_cpu-1L16d-rope-qknorm-{attn_impl}-{precision}"
     assert folder.name.startswith(name + "-")
     assert {"config.yaml", "metrics.csv", "checkpoints", "wandb"} <= {p.name for p in folder.iterdir()}
 
@@ -46,7 +47,7 @@ def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_f
     assert config["data.block_size"] == 16 and config["model.lr"] == 3e-3
     assert config["n_params"] > 0 and config["run_dir"] == str(folder) and config["kind"] == "gpt"
     assert config["git_commit"] is None or len(config["git_commit"].split("+")[0]) == 40
-    for key in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "lr-AdamW/pg1", "val/wall_time_s",
+    for key in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "lr-CombinedOptimizer/muon", "val/wall_time_s",
                 "train/device/items_per_sec"):
         assert run.history.get(key), key
     assert sorted(run.history["val/loss"]) == [9, 19]

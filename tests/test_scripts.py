@@ -32,13 +32,14 @@ def foreign_cwd(tmp_path_factory) -> Path:
 def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     """Arguments for each script, on the smallest inputs it takes."""
     return {
-        "ablate_attention": ["--variants", "baseline", "all", "--out", str(out / "ablation"),
-                             "--plot", str(out / "ablation.png"), "--", "--data.source",
-                             str(ckpts["text"]), "--data.cache_dir", str(out / "cache"),
-                             *GPT_RUN],
+        "ablate": ["recipe", "--variants", "baseline", "recipe", "--out", str(out / "ablation"),
+                   "--plot", str(out / "ablation.png"), "--", "--data.source", str(ckpts["text"]),
+                   "--data.cache_dir", str(out / "cache"), *GPT_RUN],
         "bench_attention": ["--paths", "naive", "sdpa", "--seq-lens", "16", "--windows", "none",
                             "8", "--repeats", "1",
                             "--threads", "1", "--plot", str(out / "attention.png")],
+        "bench_optim": ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch", "2",
+                        "--block", "8", "--repeats", "1", "--threads", "1", "--device", "cpu"],
         "bench_generate": ["--ckpt", str(ckpts["gpt"]), "--contexts", "1", "8", "--new-tokens", "4",
                            "--repeats", "1", "--threads", "1"],
         "bench_train": ["--source", str(ckpts["text"]), "--variants", "auto:auto", "naive:32-true",
@@ -56,8 +57,8 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     }
 
 
-EXPECTED_OUTPUT = {"ablate_attention": "| all ", "bench_attention": "| T |",
-                   "bench_generate": "tokens/s",
+EXPECTED_OUTPUT = {"ablate": "steps to 1.88", "bench_attention": "| T |",
+                   "bench_generate": "tokens/s", "bench_optim": "| Muon, Newton-Schulz in fp32",
                    "bench_train": "| auto:auto |", "compare_runs": "best val/loss",
                    "plot_attention": "", "prepare_data": "train", "sample": "The",
                    "translate": "sacreBLEU"}

@@ -167,7 +167,7 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["config"]["n_layer"] == 1  # the override, as run
     metrics = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/loss", "lr-AdamW/pg1", "train/device/items_per_sec"} <= set(metrics)
+    assert {"train/loss", "val/loss", "lr-CombinedOptimizer/muon", "train/device/items_per_sec"} <= set(metrics)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 20 and ckpt["tokenizer"]["name"] == "char"
 
