@@ -198,6 +198,10 @@ class TrainModule(L.LightningModule):
             ns_dtype = torch.bfloat16 if device_info(self.device.type).bf16 else torch.float32
             muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum,
                         weight_decay=hp.weight_decay, ns_dtype=ns_dtype)
+            # group names: the learning-rate monitor logs lr-CombinedOptimizer/{adamw,muon,...}
+            for group, name in zip(optimizer.param_groups + muon.param_groups,
+                                   ("adamw", "adamw_no_decay", "muon"), strict=True):
+                group["name"] = name
             optimizer = CombinedOptimizer(optimizer, muon)
         # one schedule for every group: each group's own peak lr times the same multiplier
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
