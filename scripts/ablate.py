@@ -76,8 +76,11 @@ STUDIES = {
 
 
 def resolve(flag: str, shape: dict) -> str:
-    """'--x=n_head/2' -> '--x=2' for n_head 4 (at least 1); other flags as they are."""
+    """'--x=n_head/2' -> '--x=2' for n_head 4 (at least 1); '--config=configs/...' -> the
+    repository's file, from any working directory; other flags as they are."""
     name, _, value = flag.partition("=")
+    if name == "--config":
+        return f"--config={REPO / value}"
     field_name, slash, divisor = value.partition("/")
     if slash and field_name in shape:
         return f"{name}={max(1, shape[field_name] // int(divisor))}"
@@ -121,7 +124,7 @@ def main(argv=None):
     folders = []
     for name in args.variants or study.variants:
         flags = [resolve(flag, shape) for flag in study.variants[name]]
-        own_config = [flag for flag in flags if flag.startswith("--config")]
+        own_config = [flag for flag in flags if flag.startswith("--config=")]
         base = [] if own_config else ["--config", config]
         command = [sys.executable, str(REPO / "train.py"), "fit", *base, *flags,
                    f"--run.save_dir={args.out}", f"--run.name={name}",

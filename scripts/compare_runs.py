@@ -211,9 +211,11 @@ def _format(value) -> str:
 
 
 def ms_per_step(run: Run) -> float | None:
-    """Mean training time per step, validation excluded: the throughput monitor's ``train/time``
-    (seconds of training so far) at its last step. Steps count from 0: at step s, s + 1 are done."""
-    points = run.series("train/time")
+    """Mean training time per step, validations excluded: the training time at the last validation
+    (``val/train_time_s``) over the steps done then, else (runs of older code) the throughput
+    monitor's ``train/time``, which counts the samples drawn at validations as training. Steps count
+    from 0: at step s, s + 1 are done."""
+    points = run.series("val/train_time_s") or run.series("train/time")
     return 1000 * points[-1][1] / (points[-1][0] + 1) if points else None
 
 
