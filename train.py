@@ -109,10 +109,11 @@ def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool 
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     excluded = {id(p) for p in exclude}
     params = [p for p in module.parameters() if id(p) not in excluded]  # tied weights appear once
-    decayed = [p for p in params if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)]
-    not_decayed = [p for p in params if all(p is not q for q in decayed)]
-    return [{"params": decayed, "weight_decay": weight_decay},
-            {"params": not_decayed, "weight_decay": 0.0}]
+    decays = [p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) for p in params]
+    return [{"params": [p for p, d in zip(params, decays, strict=True) if d],
+             "weight_decay": weight_decay},
+            {"params": [p for p, d in zip(params, decays, strict=True) if not d],
+             "weight_decay": 0.0}]
 
 
 class NonFiniteLoss(ValueError):
@@ -590,15 +591,16 @@ class TargetLoss(L.Callback):
         self.best: float | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        value = trainer.callback_metrics.get("val/loss")
-        if trainer.sanity_checking or value is None:
+        metric = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or metric is None:
             return
-        self.best = min(value.item(), self.best if self.best is not None else math.inf)
-        if self.reached is not None or value.item() > self.loss:
+        loss = metric.item()
+        self.best = loss if self.best is None else min(self.best, loss)
+        if self.reached is not None or loss > self.loss:
             return
         wall, train = pl_module.val_started_at
         self.reached = {"step": trainer.global_step, "wall_time_s": wall, "train_time_s": train,
-                        "val_loss": value.item()}
+                        "val_loss": loss}
         rank_zero_info(f"\n{self.summary()}")
         for logger in trainer.loggers:
             logger.log_metrics({f"target/{key}": value for key, value in self.reached.items()},
