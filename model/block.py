@@ -18,14 +18,15 @@ from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
+POS_EMBS = ("learned", "rope")  # a table added to the embeddings, or rotary (model/rotary.py)
 
 
 def check_config(config, positive: tuple[str, ...]) -> None:
     """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width,
-    dropout in [0, 1), a known norm and MLP, and an attention path that can serve it. Raises
-    ValueError naming the field and the fix."""
+    dropout in [0, 1), a known norm, MLP and position encoding, and an attention path that can
+    serve it. Raises ValueError naming the field and the fix."""
     name = type(config).__name__
-    for field, choices in (("norm", NORMS), ("mlp", MLPS)):
+    for field, choices in (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS)):
         value = getattr(config, field, choices[0])
         if value not in choices:
             raise ValueError(f"{name}.{field} {value!r} is unknown; choose one of {list(choices)}")
@@ -41,6 +42,12 @@ def check_config(config, positive: tuple[str, ...]) -> None:
         raise ValueError(f"{name}.n_kv_head ({n_kv_head}) must divide n_head ({config.n_head}): "
                          f"each key/value head serves n_head / n_kv_head query heads (None: as "
                          f"many as n_head, 1: multi-query attention)")
+    if getattr(config, "pos_emb", "learned") == "rope":
+        if (config.n_embd // config.n_head) % 2:
+            raise ValueError(f"{name}.pos_emb 'rope' rotates pairs of dimensions: the head size "
+                             f"n_embd / n_head ({config.n_embd // config.n_head}) must be even")
+        if config.rope_theta <= 0:
+            raise ValueError(f"{name}.rope_theta must be positive, got {config.rope_theta}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     if config.attn_impl == "auto":

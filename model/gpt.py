@@ -23,8 +23,6 @@ from .block import Block, check_config, init_weights, make_norm
 from .rotary import rotary_angles
 from .sampling import check_sampling_args, sample_next
 
-POS_EMBS = ("learned", "rope")
-
 
 @dataclass
 class GPTConfig:
@@ -55,17 +53,9 @@ class GPTConfig:
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
-        if self.pos_emb not in POS_EMBS:
-            raise ValueError(f"GPTConfig.pos_emb {self.pos_emb!r} is unknown; choose one of "
-                             f"{list(POS_EMBS)}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"GPTConfig.pos_emb 'rope' rotates pairs of dimensions: the head size "
-                             f"n_embd / n_head ({self.n_embd // self.n_head}) must be even")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"GPTConfig.logit_softcap must be positive (or None: no cap), got "
                              f"{self.logit_softcap}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta}")
         if self.window is not None and not 1 <= self.window <= self.block_size:
             raise ValueError(f"GPTConfig.window must be in [1, block_size={self.block_size}] (or "
                              f"None: no window), got {self.window}; the model never trains on "

@@ -6,6 +6,8 @@ cross-attention once. A row that has produced eos is finished: it is extended wi
 cost to its score, until every row is. Results are token ids without bos and eos.
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,11 +66,22 @@ def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
     return ((5.0 + lengths) / 6.0) ** alpha
 
 
-@torch.inference_mode()
 def beam_search(model: Seq2SeqTransformer, src: Tensor, beam_size: int = 4, alpha: float = 0.6,
                 max_new_tokens: int | None = None, use_cache: bool = True) -> list[list[int]]:
     """src (B, S) -> B translations: the best of ``beam_size`` hypotheses kept per sentence at each
     step, ranked at the end by log-probability / length_penalty(length, alpha)."""
+    return beam_search_alphas(model, src, beam_size, [alpha], max_new_tokens, use_cache)[alpha]
+
+
+@torch.inference_mode()
+def beam_search_alphas(model: Seq2SeqTransformer, src: Tensor, beam_size: int,
+                       alphas: Sequence[float], max_new_tokens: int | None = None,
+                       use_cache: bool = True) -> dict[float, list[list[int]]]:
+    """``beam_search`` for several length penalties at the cost of one: {alpha: B translations}.
+
+    The search ranks hypotheses by their summed log-probabilities; the length penalty only picks
+    among the ``beam_size`` final ones of each sentence. So one search serves every alpha, and
+    tuning alpha on a dev set costs one beam search, not one per alpha."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
     c, (B, S), K = model.config, src.shape, beam_size
@@ -105,11 +118,14 @@ def beam_search(model: Seq2SeqTransformer, src: Tensor, beam_size: int = 4, alph
         if finished.all():
             break
     # 4. Rank each sentence's K hypotheses by score / length penalty (the length counts eos;
-    #    a hypothesis that never ended counts its tokens) and keep the best.
+    #    a hypothesis that never ended counts its tokens) and keep the best, for each alpha.
     generated = tokens[:, 1:]
     is_eos = generated == c.eos_id
     ended = is_eos.any(1)
     lengths = torch.where(ended, is_eos.float().argmax(1) + 1, (generated != c.pad_id).sum(1))
-    final = scores.view(-1) / length_penalty(lengths.float(), alpha)
-    best = final.view(B, K).argmax(-1) + torch.arange(B, device=src.device) * K
-    return _strip(generated[best], c.eos_id)
+    offsets = torch.arange(B, device=src.device) * K
+    best = {}
+    for alpha in alphas:
+        final = scores.view(-1) / length_penalty(lengths.float(), alpha)
+        best[alpha] = _strip(generated[final.view(B, K).argmax(-1) + offsets], c.eos_id)
+    return best

@@ -3,9 +3,14 @@
 The encoder reads the source with bidirectional self-attention (padding hidden by a key mask); each
 decoder block runs causal self-attention over the target so far, then **cross-attention** (queries
 from the decoder, keys and values from the encoder's output, the source padding hidden again), then
-its MLP. Pre-LayerNorm throughout, a final LayerNorm after each stack, and one embedding matrix for
+its MLP. Pre-norm throughout, a final norm after each stack, and one embedding matrix for
 source tokens, target tokens and the output projection (a joint vocabulary). Masks follow
 ``model/masks.py``.
+
+The options of ``Block`` and GPT apply here too: positions learned (a table per side) or rotary
+(``pos_emb="rope"``: the self-attentions turn queries and keys by their positions; the
+cross-attention compares a target token with every source token, and has no positions), QK-norm,
+RMSNorm, a squared-ReLU or SwiGLU MLP, grouped-query attention.
 
     src     (B, S)  source ids, right-padded with pad_id
     tgt_in  (B, T)  bos + target           (what the decoder reads)
@@ -20,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache
-from .block import Block, check_config, init_weights
+from .block import Block, check_config, init_weights, make_norm
+from .rotary import rotary_angles
 
 
 @dataclass
@@ -43,6 +49,10 @@ class Seq2SeqConfig:
     eos_id: int = 2
     n_kv_head: int | None = None  # key/value heads of every attention (GQA); None: n_head
     qk_norm: bool = False  # RMS-normalise queries and keys per head (model/attention.py)
+    pos_emb: str = "learned"  # "learned": a table per side added to the embeddings; "rope": rotary
+    rope_theta: float = 10000.0  # RoPE's base (model/rotary.py)
+    norm: str = "layernorm"  # the blocks' and the final norms: "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # the MLP's activation: "gelu", "relu2" (squared ReLU) or "swiglu"
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer",
@@ -83,18 +93,20 @@ class Seq2SeqTransformer(nn.Module):
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # shared by source, target and output
-        self.enc_pos = nn.Embedding(c.max_len, c.n_embd)  # learned positions, one table per side
-        self.dec_pos = nn.Embedding(c.max_len, c.n_embd)
+        learned = c.pos_emb == "learned"  # then one table per side; rotary positions have none
+        self.enc_pos = nn.Embedding(c.max_len, c.n_embd) if learned else None
+        self.dec_pos = nn.Embedding(c.max_len, c.n_embd) if learned else None
         self.drop = nn.Dropout(c.dropout)
         block_args = dict(n_kv_head=c.n_kv_head, dropout=c.dropout, bias=c.bias,
-                          attn_impl=c.attn_impl, mlp_hidden=c.mlp_hidden, qk_norm=c.qk_norm)
+                          attn_impl=c.attn_impl, mlp_hidden=c.mlp_hidden, qk_norm=c.qk_norm,
+                          norm=c.norm, mlp=c.mlp)
         self.encoder = nn.ModuleList(Block(c.n_embd, c.n_head, causal=False, **block_args)
                                      for _ in range(c.n_encoder_layer))
         self.decoder = nn.ModuleList(
             Block(c.n_embd, c.n_head, causal=True, cross=True, **block_args)
             for _ in range(c.n_decoder_layer))
-        self.ln_enc = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.ln_dec = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.ln_enc = make_norm(c.norm, c.n_embd, c.bias)
+        self.ln_dec = make_norm(c.norm, c.n_embd, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
         init_weights(self, c.n_encoder_layer + c.n_decoder_layer, c.init_std)
@@ -115,22 +127,29 @@ class Seq2SeqTransformer(nn.Module):
         decoder = sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
         return encoder, decoder
 
-    def _embed(self, ids: Tensor, pos_emb: nn.Embedding, start: int, what: str) -> Tensor:
+    def _embed(self, ids: Tensor, pos_emb: nn.Embedding | None, start: int, what: str
+               ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """ids (B, T) at positions start.. -> (embeddings (B, T, C), the rotary (cos, sin) of the
+        positions, or None with learned positions, which are added here)."""
         if ids.dim() != 2:
             raise ValueError(f"{what} must have shape (batch, time), got {tuple(ids.shape)}")
         end = start + ids.size(1)
         if end > self.config.max_len:
             raise ValueError(f"{what} length {end} is longer than max_len {self.config.max_len}")
         pos = torch.arange(start, end, device=ids.device)
-        return self.drop(self.tok_emb(ids) + pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(ids)  # (B, T, C)
+        if pos_emb is not None:
+            return self.drop(x + pos_emb(pos)), None
+        c = self.config  # rotary: the same angles for every block of the stack, computed once
+        return self.drop(x), rotary_angles(pos, c.n_embd // c.n_head, c.rope_theta)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> (memory (B, S, C), src_mask (B, S), True = real token). A source row of
         padding only has no key to attend to: its attention outputs zeros (masks.py), never NaN."""
         src_mask = src != self.config.pad_id
-        x = self._embed(src, self.enc_pos, 0, "the source")
+        x, rotary = self._embed(src, self.enc_pos, 0, "the source")
         for block in self.encoder:
-            x = block(x, key_mask=src_mask)
+            x = block(x, key_mask=src_mask, rotary=rotary)
         return self.ln_enc(x), src_mask
 
     def new_cache(self, src_len: int) -> DecoderCache:
@@ -141,10 +160,11 @@ class Seq2SeqTransformer(nn.Module):
         """tgt (B, T) target ids (after bos) -> logits (B, T, vocab_size). With a cache, tgt
         continues the tokens the cache has seen (decoding feeds one token per step)."""
         past = cache.length if cache is not None else 0
-        x = self._embed(tgt, self.dec_pos, past, "the target")
+        x, rotary = self._embed(tgt, self.dec_pos, past, "the target")
         for i, block in enumerate(self.decoder):
             x = block(x, kv_cache=cache.self_attn[i] if cache else None, context=memory,
-                      context_mask=src_mask, context_cache=cache.cross_attn[i] if cache else None)
+                      context_mask=src_mask, context_cache=cache.cross_attn[i] if cache else None,
+                      rotary=rotary)
         return self.lm_head(self.ln_dec(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None

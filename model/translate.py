@@ -3,6 +3,7 @@ detokenize; and sacreBLEU scores of the result, with the signature that says how
 computed."""
 
 import sys
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
@@ -11,7 +12,7 @@ from sacrebleu.metrics import BLEU
 
 from data.batching import token_batches
 
-from .search import beam_search, greedy_search
+from .search import beam_search_alphas, greedy_search
 from .seq2seq import Seq2SeqTransformer
 
 
@@ -22,6 +23,16 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
     length penalty of beam search. The model must be in eval mode. A text longer than the model's
     ``max_len`` tokens is an error, or with ``truncate`` cut to its first ``max_len`` tokens
     (scoring a whole evaluation set: every line counts, a cut one as it comes out)."""
+    return translate_alphas(model, tokenizer, texts, beam_size, [alpha], max_tokens,
+                            truncate)[alpha]
+
+
+def translate_alphas(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size: int,
+                     alphas: Sequence[float], max_tokens: int = 4000, truncate: bool = False
+                     ) -> dict[float, list[str]]:
+    """``translate`` with each length penalty of ``alphas``, from one beam search
+    (``model.search.beam_search_alphas``): {alpha: translations}. Greedy search (beam_size 1)
+    has no length penalty: every alpha gets its translations."""
     ids = tokenizer.encode_batch(texts)
     limit = model.config.max_len
     too_long = [i for i, row in enumerate(ids) if len(row) > limit]
@@ -34,7 +45,7 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
         raise ValueError(f"line {first + 1} is {len(ids[first])} tokens long; this model reads at "
                          f"most {limit} (its max_len): split it into shorter sentences")
     device = next(model.parameters()).device
-    out: list[str] = [""] * len(texts)  # an empty line translates to an empty line
+    out = {alpha: [""] * len(texts) for alpha in alphas}  # an empty line translates to one
     nonempty = np.array([i for i, row in enumerate(ids) if row], dtype=np.int64)
     lengths = np.array([len(ids[i]) for i in nonempty])
     # beam search decodes beam_size rows per source: the budget is shared among them
@@ -44,10 +55,13 @@ def translate(model: Seq2SeqTransformer, tokenizer, texts: list[str], beam_size:
         for row, i in enumerate(index):  # right-padded: (B, S)
             src[row, :len(ids[i])] = torch.tensor(ids[i])
         src = src.to(device)
-        hyps = (greedy_search(model, src) if beam_size == 1
-                else beam_search(model, src, beam_size, alpha))
-        for i, hyp in zip(index, hyps, strict=True):
-            out[i] = tokenizer.decode(hyp).strip()
+        if beam_size == 1:
+            hyps = dict.fromkeys(alphas, greedy_search(model, src))
+        else:
+            hyps = beam_search_alphas(model, src, beam_size, alphas)
+        for alpha in alphas:
+            for i, hyp in zip(index, hyps[alpha], strict=True):
+                out[alpha][i] = tokenizer.decode(hyp).strip()
     return out
 
 

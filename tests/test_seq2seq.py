@@ -1,10 +1,13 @@
 """The encoder-decoder Transformer: cross-attention shapes, masking, decoding, and learning a
 task."""
 
+import itertools
+
 import pytest
 import torch
 
 from model import Seq2SeqConfig, Seq2SeqTransformer, beam_search, greedy_search
+from model.search import beam_search_alphas, length_penalty
 
 PAD = 0
 IMPLS = ["naive", "sdpa", "tiled"]
@@ -126,6 +129,53 @@ def test_finished_rows_stay_finished_and_results_stop_before_eos():
             assert model.config.bos_id not in hyp and len(hyp) <= 20
 
 
+# the recipe's options (rotary positions in both self-attentions, QK-norm, RMSNorm, squared ReLU
+# or SwiGLU): the masking and caching properties above hold with them too
+RECIPES = {"rope-qknorm-rmsnorm-relu2": dict(pos_emb="rope", qk_norm=True, norm="rmsnorm", mlp="relu2"),
+           "rope-swiglu": dict(pos_emb="rope", mlp="swiglu")}
+
+
+@pytest.mark.parametrize("options", RECIPES.values(), ids=RECIPES.keys())
+def test_recipe_options_keep_masking_causality_and_caching(options):
+    model = make_model(seed=2, **options)
+    assert model.enc_pos is None and model.dec_pos is None  # rotary: no position tables
+    src, tgt = padded_batch([6, 3], 6), padded_batch([7, 7], 7, seed=1)
+    logits = model(src, tgt)[0]
+    wider = torch.cat([src, torch.full((2, 3), PAD)], dim=1)
+    torch.testing.assert_close(model(wider, tgt)[0], logits, atol=1e-5, rtol=1e-5)
+    changed = tgt.clone()
+    changed[:, 4:] = torch.randint(4, 40, changed[:, 4:].shape)
+    torch.testing.assert_close(model(src, changed)[0][:, :4], logits[:, :4], atol=1e-5, rtol=1e-5)
+    memory, src_mask = model.encode(src)
+    cache = model.new_cache(src.size(1))
+    steps = torch.cat([model.decode(tgt[:, t:t + 1], memory, src_mask, cache) for t in range(7)], dim=1)
+    torch.testing.assert_close(steps, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_positions_make_word_order_matter_on_both_sides():
+    """Without position tables, order must come from the rotations: swapping two source tokens,
+    or two earlier target tokens, changes the next-token logits."""
+    model = make_model(seed=5, pos_emb="rope", init_std=0.2)  # weights large enough to tell
+    src, tgt = padded_batch([6], 6), padded_batch([5], 5, seed=1)
+    logits = model(src, tgt)[0][:, -1]
+    assert not torch.allclose(model(src[:, [1, 0, 2, 3, 4, 5]], tgt)[0][:, -1], logits, atol=1e-3)
+    assert not torch.allclose(model(src, tgt[:, [1, 0, 2, 3, 4]])[0][:, -1], logits, atol=1e-3)
+
+
+def test_one_beam_search_ranks_for_every_length_penalty():
+    """beam_search_alphas gives, for each alpha, what a beam search with that alpha gives; and a
+    larger alpha never picks a shorter translation."""
+    model = make_model(seed=6)
+    src = padded_batch([6, 3, 5, 6, 2], 6, seed=7)
+    alphas = [0.0, 0.6, 1.2, 3.0]
+    together = beam_search_alphas(model, src, 4, alphas, max_new_tokens=15)
+    for alpha in alphas:
+        assert together[alpha] == beam_search(model, src, 4, alpha, max_new_tokens=15)
+    for short, long in itertools.pairwise(alphas):
+        assert all(len(a) <= len(b) for a, b in zip(together[short], together[long], strict=True))
+    assert length_penalty(torch.tensor([1.0]), 0.0) == 1.0  # alpha 0: raw log-probabilities
+
+
 def test_config_rejects_what_cannot_work():
     with pytest.raises(ValueError, match="'flash' cannot take the source padding mask"):
         Seq2SeqConfig(attn_impl="flash")
@@ -133,5 +183,11 @@ def test_config_rejects_what_cannot_work():
         Seq2SeqConfig(n_decoder_layer=0)
     with pytest.raises(ValueError, match="divisible by n_head"):
         Seq2SeqConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="pos_emb 'absolute' is unknown; choose one of"):
+        Seq2SeqConfig(pos_emb="absolute")
+    with pytest.raises(ValueError, match="head size n_embd / n_head \\(3\\) must be even"):
+        Seq2SeqConfig(pos_emb="rope", n_embd=12, n_head=4)
+    with pytest.raises(ValueError, match="mlp 'tanh' is unknown"):
+        Seq2SeqConfig(mlp="tanh")
     with pytest.raises(ValueError, match="longer than max_len"):
         make_model()(torch.ones(1, 30, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
