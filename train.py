@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     ProgressBar,
     ThroughputMonitor,
+    Timer,
     TQDMProgressBar,
     WeightAveraging,
 )
@@ -72,21 +73,27 @@ from model.device import (
     slow_precision_warning,
 )
 from model.optim import CombinedOptimizer, Muon
-from model.translate import bleu, bleu_signature, translate
+from model.translate import bleu, bleu_signature, translate, translate_alphas
 from scripts._common import exit_code
 
 # ------------------------------------------------------------------------------------------------
 # Optimization
 
 
-def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int | None, min_ratio: float,
+                  time_progress: float = 0.0) -> float:
     """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``decay_steps``, then
-    flat."""
+    flat. ``time_progress``: the fraction of the decay's time budget spent so far (see
+    ``TrainModule.time_progress``); the decay is as far along as the steps or the time say,
+    whichever is further, so a run with a time budget ends its schedule when the time is up.
+    ``decay_steps`` None: the time alone."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
+    by_steps = ((step - warmup_steps) / max(1, decay_steps - warmup_steps)
+                if decay_steps is not None else 0.0)
+    progress = max(by_steps, time_progress)
+    if progress >= 1.0:
         return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
@@ -135,8 +142,8 @@ class Interrupted(Exception):
 
 class TrainModule(L.LightningModule):
     """What both models' training shares: AdamW (or Muon for the blocks' matrices beside it), linear
-    warmup then cosine decay to ``min_lr`` stepped per optimizer step; the tokenizer, taken from
-    the data module; val perplexity, gradient norm, wall time and training time; and, in every
+    warmup then cosine decay to ``min_lr`` over the steps or the time budget; the tokenizer, taken
+    from the data module; val perplexity, gradient norm, wall time and training time; and, in every
     checkpoint, what Lightning does not keep itself (the format is in model/checkpoint.py): the
     model kind, the tokenizer, the random states, the wall and validation times and the run's
     folder. Subclasses set ``kind`` (a key of ``model.checkpoint.MODELS``) and ``shape``
@@ -164,6 +171,7 @@ class TrainModule(L.LightningModule):
         self._val_seconds = 0.0  # of that wall time, seconds spent validating (resumes included)
         self._val_began: float | None = None  # when the validation under way began
         self.val_started_at = (0.0, 0.0)  # (wall time, training time) when the last one began
+        self._decay_began_s: float | None = None  # time-budget clock when the lr decay began
         self._rng_to_restore: dict | None = None
 
     def setup(self, stage: str):
@@ -178,9 +186,10 @@ class TrainModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 1:
-            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps "
-                             "or --model.lr_decay_steps")
+        decay_steps = decay_steps if decay_steps is not None and decay_steps >= 1 else None
+        if decay_steps is None and self.time_budget() is None:
+            raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps, "
+                             "--model.lr_decay_steps or a time budget, --trainer.max_time")
         if hp.optimizer not in OPTIMIZERS:
             raise ValueError(f"--model.optimizer {hp.optimizer!r} is unknown; choose one of "
                              f"{list(OPTIMIZERS)}")
@@ -204,12 +213,34 @@ class TrainModule(L.LightningModule):
                                    ("adamw", "adamw_no_decay", "muon"), strict=True):
                 group["name"] = name
             optimizer = CombinedOptimizer(optimizer, muon)
-        # one schedule for every group: each group's own peak lr times the same multiplier
+        # one schedule for every group: each group's own peak lr times the same multiplier. (A
+        # lambda, not a bound method: LambdaLR would save a method's object in its state.)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
                            min_ratio=hp.min_lr / hp.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: schedule(step, time_progress=self.time_progress(step)))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def time_budget(self) -> Timer | None:
+        """Lightning's Timer of ``--trainer.max_time``, which stops training when the time is up
+        (validations included), or None without a time budget."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        return timer if timer is not None and timer.time_remaining() is not None else None
+
+    def time_progress(self, step: int) -> float:
+        """How far the learning-rate decay is through the time budget: 0 when it begins (after
+        warmup, counted in steps), 1 when the Timer stops training; 0 without a time budget. The
+        schedule follows it, so that a slower machine trains fewer steps but finishes its decay
+        rather than being cut off at a high learning rate."""
+        timer = self.time_budget() if self._trainer is not None else None
+        if timer is None or step < self.hparams.warmup_steps:
+            return 0.0
+        elapsed = timer.time_elapsed()  # resumes included
+        if self._decay_began_s is None:
+            self._decay_began_s = elapsed
+        budget = elapsed + timer.time_remaining()
+        return (elapsed - self._decay_began_s) / max(budget - self._decay_began_s, 1e-6)
 
     def _finite(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss, or NonFiniteLoss before it reaches the weights (the last checkpoint stays the
@@ -271,6 +302,7 @@ class TrainModule(L.LightningModule):
         checkpoint["model_kind"] = self.kind
         checkpoint["wall_time_s"] = self.wall_time()
         checkpoint["val_time_s"] = self.validation_time()
+        checkpoint["lr_decay_began_s"] = self._decay_began_s
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -285,6 +317,7 @@ class TrainModule(L.LightningModule):
                              f"{self.kind} run")
         self._elapsed_before = checkpoint.get("wall_time_s", 0.0)
         self._val_seconds = checkpoint.get("val_time_s", 0.0)
+        self._decay_began_s = checkpoint.get("lr_decay_began_s")
         self._rng_to_restore = checkpoint.get("rng_states")
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
@@ -329,7 +362,8 @@ class GPTLightningModule(TrainModule):
         min_lr: learning rate at the end of the decay.
         warmup_steps: optimizer steps of linear warmup.
         lr_decay_steps: optimizer step where the cosine reaches ``min_lr``; default
-            ``trainer.max_steps``.
+            ``trainer.max_steps``. With a time budget (``--trainer.max_time``) the decay follows
+            the time as well, and ends at whichever comes first (``TrainModule.time_progress``).
         weight_decay: weight decay of the weight matrices (AdamW's and Muon's, decoupled).
         betas: AdamW betas.
         optimizer: ``adamw`` for every parameter, or ``muon``: Muon (model/optim.py) for the
@@ -477,10 +511,12 @@ class Seq2SeqLightningModule(TrainModule):
 
     def best_length_penalty(self) -> float:
         """The alpha of ``tune_length_penalty`` with the best cased beam-search BLEU on the dev
-        split."""
+        split (one beam search: the alphas only rank its final hypotheses)."""
         hp = self.hparams
-        scores = {alpha: self.evaluate_bleu(hp.beam_size, "dev", alpha)[0]["bleu"]
-                  for alpha in hp.tune_length_penalty}
+        sources, references = self.trainer.datamodule.texts["dev"]
+        translations = translate_alphas(self.model, self.tokenizer, sources, hp.beam_size,
+                                        hp.tune_length_penalty, truncate=True)
+        scores = {alpha: bleu(hyps, references)["bleu"] for alpha, hyps in translations.items()}
         best = max(scores, key=scores.get)
         rank_zero_info(f"Dev sacreBLEU (beam {hp.beam_size}) by length penalty: "
                        + ", ".join(f"{alpha}: {score:.2f}" for alpha, score in scores.items())
@@ -505,20 +541,28 @@ class Seq2SeqLightningModule(TrainModule):
 
     def evaluate_after_fit(self):
         """The final weights (the EMA's, with that callback) translate val with beam search, after
-        tuning the length penalty on dev: ``final/bleu``, ``final/bleu_lc``."""
+        tuning the length penalty on dev: ``final/bleu``, ``final/bleu_lc``. A test split, where
+        the data has one, is scored once, with the same settings: ``final/test_bleu``,
+        ``final/test_bleu_lc``."""
         trainer = self.trainer
         if not trainer.is_global_zero or trainer.interrupted or self.tokenizer is None:
             return
+        start = time.perf_counter()
         self.eval()
         hp = self.hparams
         if hp.tune_length_penalty:
             hp.length_penalty = self.best_length_penalty()
-        scores, _ = self.evaluate_bleu(hp.beam_size)
-        rank_zero_info(f"Final val sacreBLEU (beam {hp.beam_size}, length penalty "
-                       f"{hp.length_penalty}): {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
-                       f"lowercase ({bleu_signature()}). scripts/translate.py: --beam "
-                       f"{hp.beam_size} --length-penalty {hp.length_penalty}")
-        metrics = {**scores, "length_penalty": hp.length_penalty}
+        metrics, results = {"length_penalty": hp.length_penalty}, []
+        for split, prefix in (("val", ""), ("test", "test_")):
+            if split in trainer.datamodule.texts:
+                scores, _ = self.evaluate_bleu(hp.beam_size, split)
+                metrics.update({prefix + name: value for name, value in scores.items()})
+                results.append(f"{split} {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
+                               "lowercase")
+        rank_zero_info(f"Final sacreBLEU (beam {hp.beam_size}, length penalty "
+                       f"{hp.length_penalty}): {'; '.join(results)} ({bleu_signature()}); "
+                       f"{time.perf_counter() - start:.0f} s of evaluation. scripts/translate.py: "
+                       f"--beam {hp.beam_size} --length-penalty {hp.length_penalty}")
         for logger in trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items()},
                                step=trainer.global_step)

@@ -31,6 +31,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -209,31 +210,33 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
 def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt, or --data.source "
                                           "tiny_shakespeare for the copy that ships with the "
-                                          "project"):
+                                          "project", keep_test: bool = False):
     """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
+    ``keep_test``: with its ``test`` split too, where it has one that is not part of val.
 
     Offline and not cached, fails at once (instead of ~20 s of retries), with ``hint`` saying where
     else the data can come from."""
     from datasets import load_dataset
 
+    splits = partial(_hub_splits, dataset_id=dataset_id, keep_test=keep_test)
     with contextlib.suppress(Exception), _hub_offline():
-        return _hub_splits(load_dataset(dataset_id), dataset_id)
+        return splits(load_dataset(dataset_id))
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
             or not hub_reachable():
         raise DataSourceError(
             f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub "
             f"cannot be reached (offline). Pass a local path instead: {hint}.")
     try:
-        return _hub_splits(load_dataset(dataset_id), dataset_id)
+        return splits(load_dataset(dataset_id))
     except Exception as e:
         raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: "
                               f"{e}. Download its text and pass a local path instead: "
                               f"{hint}.") from e
 
 
-def _hub_splits(ds, dataset_id: str):
+def _hub_splits(ds, dataset_id: str, keep_test: bool = False):
     """train, and val where the dataset has one: its published validation split (HUB_VAL_SPLITS),
-    else the first of VAL_SPLIT_NAMES it has."""
+    else the first of VAL_SPLIT_NAMES it has; with ``keep_test``, test where val is not it."""
     from datasets import DatasetDict, concatenate_datasets
 
     if "train" not in ds:
@@ -244,7 +247,10 @@ def _hub_splits(ds, dataset_id: str):
         val = concatenate_datasets([ds[s] for s in published])
         return DatasetDict({"train": ds["train"], "val": val})
     val = next((s for s in VAL_SPLIT_NAMES if s in ds), None)
-    return DatasetDict({"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]})
+    splits = {"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]}
+    if keep_test and "test" in ds and val != "test":
+        splits["test"] = ds["test"]
+    return DatasetDict(splits)
 
 
 # ---------------------------------------------------------------- tokenizing into the cache

@@ -10,6 +10,9 @@ Sources (``TranslationDataModule(source=...)``):
   ``{"de": "...", "en": "..."}`` or ``{"translation": {"de": "...", "en": "..."}}``;
 * a hub dataset id with such columns and train/validation splits, e.g. ``bentrevett/multi30k``.
 
+A ``test`` split (``test.<lang>`` files, ``test.jsonl``, or the hub dataset's ``test``) is loaded
+when there is one; training scores it once, at the very end, and never chooses anything with it.
+
 Cleaning, reported as it happens: files of different line counts are rejected; pairs with an empty
 side are dropped; pairs longer than ``max_len`` tokens (source, or target plus bos/eos) are dropped.
 """
@@ -45,9 +48,14 @@ def _load_line_pairs(folder: Path, src_lang: str, tgt_lang: str):
     from datasets import Dataset, DatasetDict, load_dataset
 
     splits = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         files = {lang: _find(folder, f"{split}.{lang}") for lang in (src_lang, tgt_lang)}
         missing = [f"{split}.{lang}[.gz]" for lang, f in files.items() if f is None]
+        if split == "test" and len(missing) == 2:
+            continue  # a test split is optional; half of one is an error
+        if split == "test" and missing:
+            raise DataSourceError(f"{folder} has {files[src_lang] or files[tgt_lang]} but no "
+                                  f"{missing[0]}: a test split needs both sides (or neither)")
         if missing:
             raise DataSourceError(f"{folder} has no {' or '.join(missing)}: a translation folder "
                                   f"needs train.{src_lang}, train.{tgt_lang}, val.{src_lang} and "
@@ -74,8 +82,10 @@ def _load_jsonl_pairs(folder: Path):
     from datasets import DatasetDict, load_dataset
 
     splits = {}
-    for split in ("train", "val"):  # one at a time: the files may lay their pairs out differently
+    for split in ("train", "val", "test"):  # one at a time: their layouts may differ
         path = _find(folder, f"{split}.jsonl")
+        if path is None:  # only test can be missing: load_pairs checked the others
+            continue
         try:
             splits[split] = load_dataset("json", data_files=str(path), split="train")
         except Exception as e:
@@ -85,8 +95,8 @@ def _load_jsonl_pairs(folder: Path):
 
 
 def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[list[str], list[str]]]:
-    """{"train": (sources, targets), "val": (...)} as lists of stripped strings, pairs with an
-    empty side dropped."""
+    """{"train": (sources, targets), "val": (...), and "test" where the source has one} as lists
+    of stripped strings, pairs with an empty side dropped."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         if _find(folder, "train.jsonl") and _find(folder, "val.jsonl"):
@@ -94,14 +104,14 @@ def load_pairs(source: str, src_lang: str, tgt_lang: str) -> dict[str, tuple[lis
         else:
             ds = _load_line_pairs(folder, src_lang, tgt_lang)
     elif HUB_ID.match(source) and not folder.exists():
-        ds = load_hub(source, hint=MULTI30K_HINT)
+        ds = load_hub(source, hint=MULTI30K_HINT, keep_test=True)
         if "val" not in ds:
             raise DataSourceError(f"hub dataset {source!r} has no validation split")
     else:
         raise DataSourceError(f"{source} is not a folder of parallel text files nor a hub dataset "
                               f"id; {MULTI30K_HINT}")
     pairs = {}
-    for split in ("train", "val"):
+    for split in [name for name in ("train", "val", "test") if name in ds]:
         sources, targets = _columns(ds[split], src_lang, tgt_lang, source)
         kept = [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True)
                 if s.strip() and t.strip()]
@@ -210,7 +220,8 @@ class TranslationDataModule(L.LightningDataModule):
 
     @cached_property
     def texts(self) -> dict[str, tuple[list[str], list[str]]]:
-        """{"train": (sources, targets), "val": ..., and "dev" with dev_size}."""
+        """{"train": (sources, targets), "val": ..., "dev" with dev_size, and "test" where the
+        source has one}."""
         hp = self.hparams
         pairs = load_pairs(hp.source, hp.src_lang, hp.tgt_lang)
         if hp.dev_size:
@@ -235,9 +246,11 @@ class TranslationDataModule(L.LightningDataModule):
 
     @cached_property
     def ids(self) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
-        """Token ids of each split, pairs longer than max_len dropped (and reported)."""
+        """Token ids of the splits batched for training and the val loss, pairs longer than max_len
+        dropped (and reported). (dev and test are only translated, every line of them.)"""
         out, limit = {}, self.hparams.max_len
-        for split, (sources, targets) in self.texts.items():
+        for split in ("train", "val"):
+            sources, targets = self.texts[split]
             src, tgt = self.tokenizer.encode_batch(sources), self.tokenizer.encode_batch(targets)
             keep = [i for i in range(len(src)) if len(src[i]) <= limit and len(tgt[i]) + 1 <= limit]
             if len(keep) < len(src):

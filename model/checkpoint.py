@@ -14,8 +14,9 @@ what ``train.TrainModule.on_save_checkpoint`` adds). Inference reads these entri
 Training also finds there what it needs to resume a run, which inference ignores: Lightning's own
 ``global_step``, ``epoch``, ``optimizer_states``, ``lr_schedulers``, ``loops`` and ``callbacks``;
 the other ``hyper_parameters`` (learning rate, ...); and ours: ``wall_time_s`` (seconds of training
-so far), ``rng_states`` (torch, CUDA and Python random states) and ``run`` (the run's id, name and
-folder).
+so far), ``val_time_s`` (of which validating), ``lr_decay_began_s`` (where a time budget's decay
+began, on Lightning's Timer), ``rng_states`` (torch, CUDA and Python random states) and ``run``
+(the run's id, name and folder).
 
     from model.checkpoint import load_checkpoint
     model, tokenizer, kind = load_checkpoint("runs/mini-gpt/<run>/checkpoints/last.ckpt")

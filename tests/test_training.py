@@ -2,12 +2,14 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_run
+from lightning.pytorch.callbacks import Timer
 
 from data.lm import LMDataModule
 from model import GPTConfig
@@ -22,6 +24,68 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in zip(f[10:110], f[11:111], strict=True))  # falling cosine
     assert f[60] == pytest.approx(0.55)  # half way: the middle of 1 and 0.1
     assert f[110:] == [0.1] * 20
+
+
+def test_the_decay_follows_steps_or_time_whichever_is_further():
+    steps_only = [warmup_cosine(s, 10, 110, 0.1) for s in range(130)]
+    # the time is further along than the steps: the multiplier is the cosine at the time's point
+    assert warmup_cosine(60, 10, 110, 0.1, time_progress=0.75) == pytest.approx(
+        warmup_cosine(85, 10, 110, 0.1))
+    assert warmup_cosine(60, 10, 110, 0.1, time_progress=0.2) == steps_only[60]  # steps further
+    assert warmup_cosine(5, 10, 110, 0.1, time_progress=0.9) == steps_only[5]  # warmup: in steps
+    # no step count: the time alone, from 1 at its start to min_ratio when the time is up
+    by_time = [warmup_cosine(500, 10, None, 0.1, time_progress=t / 10) for t in range(12)]
+    assert by_time[0] == 1.0 and by_time[5] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(by_time[:10], by_time[1:11], strict=True))
+    assert by_time[10:] == [0.1, 0.1]
+
+
+class FakeTimer(Timer):
+    """Lightning's Timer with a clock the test sets."""
+
+    def __init__(self, duration: float):
+        super().__init__(duration={"seconds": duration})
+        self.now = 0.0
+
+    def time_elapsed(self, stage="train") -> float:
+        return self.now
+
+
+def test_time_progress_runs_from_the_end_of_warmup_to_the_end_of_the_budget():
+    module = GPTLightningModule(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2,
+                                          n_embd=16), warmup_steps=10)
+    timer = FakeTimer(duration=100)
+    module._trainer = SimpleNamespace(callbacks=[timer])
+    timer.now = 15.0
+    assert module.time_progress(5) == 0.0  # warming up
+    timer.now = 20.0
+    assert module.time_progress(10) == 0.0  # the decay begins here, 20 s into the budget
+    for now, progress in ((60.0, 0.5), (100.0, 1.0)):
+        timer.now = now
+        assert module.time_progress(50) == pytest.approx(progress)
+    module._trainer = SimpleNamespace(callbacks=[])  # no max_time: no time progress
+    assert module.time_progress(50) == 0.0
+
+
+def test_a_time_budget_alone_sizes_the_schedule(text_file, tmp_path):
+    """No max_steps, a 4-second max_time: training stops when the time is up, and the learning
+    rate has then decayed to min_lr (not cut off part way)."""
+    cli = main(tiny_run(text_file, tmp_path, "--trainer.max_steps", "-1", "--model.lr_decay_steps",
+                        "null", "--trainer.max_time", "00:00:00:04", "--model.warmup_steps", "5",
+                        "--trainer.val_check_interval", "1000", "--model.lr", "1e-2",
+                        "--model.min_lr", "1e-3", "--model.optimizer", "adamw"), )
+    module = cli.model
+    assert module.global_step > 5  # it trained past the warmup, and stopped by time
+    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-3, rel=0.05)  # the end of the cosine: min_lr
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert 0.0 < ckpt["lr_decay_began_s"] < 4.0  # kept for a resume
+
+
+def test_the_schedule_needs_a_length(text_file, tmp_path):
+    with pytest.raises(ValueError, match="needs a length: set --trainer.max_steps"):
+        main(tiny_run(text_file, tmp_path, "--trainer.max_steps", "-1", "--model.lr_decay_steps",
+                      "null", "--trainer.max_time", "null"))
 
 
 def test_weight_decay_only_on_weight_matrices():

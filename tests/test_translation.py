@@ -1,6 +1,7 @@
 """Parallel data, the BPE vocabulary, training a seq2seq model through Lightning, and
 scripts/translate.py."""
 
+import csv
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import torch
 from conftest import REPO, REVERSE_WORDS, reverse_pairs, write_parallel
 
 from data.batching import token_batches
-from data.corpus import DataSourceError
+from data.corpus import DataSourceError, _hub_splits
 from data.tokenizers import BPETokenizer, tokenizer_from_dict
 from data.translation import PairBatches, TranslationDataModule, load_pairs
 from model import Seq2SeqConfig, greedy_search
@@ -49,6 +50,32 @@ def test_aligned_gzipped_files_load_and_empty_pairs_are_dropped(tmp_path, caplog
     assert loaded["train"] == (["ein Hund", "zwei Katzen"], ["a dog", "two cats"])
     assert loaded["val"] == (["ein Haus"], ["a house"])
     assert "dropped 1 of 3 pairs with an empty side" in caplog.text
+
+
+def test_a_test_split_loads_where_there_is_one_and_half_of_one_is_refused(tmp_path):
+    pairs = {"train": [("ein Hund", "a dog")], "val": [("ein Haus", "a house")],
+             "test": [("eine Katze", "a cat"), ("", "orphan")]}
+    folder = write_parallel(tmp_path / "lines", pairs, "de", "en", gz=True)
+    assert load_pairs(str(folder), "de", "en")["test"] == (["eine Katze"], ["a cat"])
+    assert "test" not in load_pairs(str(write_parallel(tmp_path / "none", {
+        k: v for k, v in pairs.items() if k != "test"}, "de", "en")), "de", "en")
+    (folder / "test.en.gz").unlink()
+    with pytest.raises(DataSourceError, match=r"test.de.gz but no test.en\[.gz\]: a test split needs both"):
+        load_pairs(str(folder), "de", "en")
+    jsonl = _jsonl(tmp_path / "jsonl")
+    (jsonl / "test.jsonl").write_text(json.dumps({"de": "eine Katze", "en": "a cat"}) + "\n")
+    assert load_pairs(str(jsonl), "de", "en")["test"] == (["eine Katze"], ["a cat"])
+
+
+def test_a_hub_datasets_test_split_is_kept_for_translation_only():
+    from datasets import Dataset, DatasetDict
+
+    one = Dataset.from_dict({"de": ["a"], "en": ["b"]})
+    hub = DatasetDict({"train": one, "validation": one, "test": one})
+    assert set(_hub_splits(hub, "someone/pairs", keep_test=True)) == {"train", "val", "test"}
+    assert set(_hub_splits(hub, "someone/pairs")) == {"train", "val"}  # language modelling's
+    published = DatasetDict({"train": one, "validation": one, "test": one})  # val = both of them
+    assert set(_hub_splits(published, "karpathy/tiny_shakespeare", keep_test=True)) == {"train", "val"}
 
 
 def test_jsonl_pairs_load_in_either_layout(tmp_path):
@@ -246,10 +273,14 @@ def test_translate_script_bad_input(trained, argv, message):
 
 @pytest.mark.slow
 def test_cli_trains_seq2seq_from_the_config_kind(reverse_folder, tmp_path):
-    """configs/multi30k_de_en.yaml says kind: seq2seq; train.py picks the classes from it."""
+    """configs/multi30k_de_en.yaml says kind: seq2seq; train.py picks the classes from it. The
+    length penalty is chosen on dev, and the test split scored once with it, at the end."""
+    folder = write_parallel(tmp_path / "data", {"train": reverse_pairs(2000, 0),
+                                                "val": reverse_pairs(100, 1),
+                                                "test": reverse_pairs(50, 2)})
     result = subprocess.run(
         [sys.executable, "train.py", "fit", "--config", "configs/multi30k_de_en.yaml",
-         "--data.source", str(reverse_folder), "--data.src_lang", "xx", "--data.tgt_lang", "yy",
+         "--data.source", str(folder), "--data.src_lang", "xx", "--data.tgt_lang", "yy",
          "--data.vocab_size", "40", "--data.max_len", "16", "--data.max_tokens", "400",
          "--model.config.n_embd", "32", "--model.config.mlp_hidden", "64", "--trainer.max_steps", "6",
          "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
@@ -262,8 +293,12 @@ def test_cli_trains_seq2seq_from_the_config_kind(reverse_folder, tmp_path):
     assert re.search(r"Dev sacreBLEU \(beam 2\) by length penalty: 0.6: [\d.]+, 1.0: [\d.]+; using (0.6|1.0)\n",
                      output), output[-3000:]
     chosen = re.search(r"using (0.6|1.0)", output).group(1)
-    assert f"Final val sacreBLEU (beam 2, length penalty {chosen})" in output
-    assert re.search(r"lowercase \(nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:[\d.]+\)", output)
+    assert re.search(rf"Final sacreBLEU \(beam 2, length penalty {chosen}\): val [\d.]+ cased, "
+                     r"[\d.]+ lowercase; test [\d.]+ cased, [\d.]+ lowercase \(nrefs:1\|case:mixed\|"
+                     r"eff:no\|tok:13a\|smooth:exp\|version:[\d.]+\); \d+ s of evaluation", output)
     assert "val sacreBLEU" in result.stdout + result.stderr
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts and torch.load(ckpts[0], weights_only=True)["model_kind"] == "seq2seq"
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        final = [row for row in csv.DictReader(f) if row.get("final/test_bleu")]
+    assert len(final) == 1 and {"final/bleu", "final/test_bleu_lc"} <= final[0].keys()
