@@ -42,12 +42,11 @@ def check_config(config, positive: tuple[str, ...]) -> None:
         raise ValueError(f"{name}.n_kv_head ({n_kv_head}) must divide n_head ({config.n_head}): "
                          f"each key/value head serves n_head / n_kv_head query heads (None: as "
                          f"many as n_head, 1: multi-query attention)")
-    if getattr(config, "pos_emb", "learned") == "rope":
-        if (config.n_embd // config.n_head) % 2:
-            raise ValueError(f"{name}.pos_emb 'rope' rotates pairs of dimensions: the head size "
-                             f"n_embd / n_head ({config.n_embd // config.n_head}) must be even")
-        if config.rope_theta <= 0:
-            raise ValueError(f"{name}.rope_theta must be positive, got {config.rope_theta}")
+    if getattr(config, "pos_emb", "learned") == "rope" and (config.n_embd // config.n_head) % 2:
+        raise ValueError(f"{name}.pos_emb 'rope' rotates pairs of dimensions: the head size "
+                         f"n_embd / n_head ({config.n_embd // config.n_head}) must be even")
+    if getattr(config, "rope_theta", 1.0) <= 0:
+        raise ValueError(f"{name}.rope_theta must be positive, got {config.rope_theta}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     if config.attn_impl == "auto":

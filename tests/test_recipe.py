@@ -6,10 +6,13 @@ import copy
 import csv
 import itertools
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, fit, run_folders
 from torch import nn
 
@@ -306,3 +309,23 @@ def test_ablation_variants_resolve_from_the_runs_shape_and_unknown_ones_are_refu
     assert ablate.resolve("--config=configs/x.yaml", shape) == f"--config={REPO}/configs/x.yaml"
     with pytest.raises(UsageError, match="not a variant of the recipe study"):
         ablate.main(["recipe", "--variants", "baseline", "gqa"])
+
+
+def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_one_change():
+    study = ablate.STUDIES["translation"]
+
+    def merged(variant: str) -> dict:
+        printed = subprocess.run(
+            [sys.executable, "train.py", "fit", "--config", study.config, *study.variants[variant],
+             *study.flags, "--print_config"], cwd=REPO, capture_output=True, text=True, check=True)
+        config = yaml.safe_load(printed.stdout)
+        return {"optimizer": config["model"]["optimizer"],
+                **{k: config["model"]["config"][k] for k in ("pos_emb", "qk_norm", "mlp")},
+                "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
+
+    protocol = {"steps": 500, "max_time": None}
+    assert merged("baseline") == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False,
+                                  "mlp": "gelu", **protocol}
+    assert merged("muon") == {**merged("baseline"), "optimizer": "muon"}
+    assert merged("muon_rope_qk_norm_relu2") == {"optimizer": "muon", "pos_emb": "rope",
+                                                 "qk_norm": True, "mlp": "relu2", **protocol}
