@@ -187,7 +187,8 @@ class TrainModule(L.LightningModule):
         hp = self.hparams
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
         decay_steps = decay_steps if decay_steps is not None and decay_steps >= 1 else None
-        if decay_steps is None and self.time_budget() is None:
+        timer = self.time_budget()
+        if decay_steps is None and timer is None:
             raise ValueError("the learning-rate schedule needs a length: set --trainer.max_steps, "
                              "--model.lr_decay_steps or a time budget, --trainer.max_time")
         if hp.optimizer not in OPTIMIZERS:
@@ -218,7 +219,7 @@ class TrainModule(L.LightningModule):
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
                            min_ratio=hp.min_lr / hp.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: schedule(step, time_progress=self.time_progress(step)))
+            optimizer, lambda step: schedule(step, time_progress=self.time_progress(step, timer)))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -228,12 +229,12 @@ class TrainModule(L.LightningModule):
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         return timer if timer is not None and timer.time_remaining() is not None else None
 
-    def time_progress(self, step: int) -> float:
-        """How far the learning-rate decay is through the time budget: 0 when it begins (after
-        warmup, counted in steps), 1 when the Timer stops training; 0 without a time budget. The
-        schedule follows it, so that a slower machine trains fewer steps but finishes its decay
-        rather than being cut off at a high learning rate."""
-        timer = self.time_budget() if self._trainer is not None else None
+    def time_progress(self, step: int, timer: Timer | None) -> float:
+        """How far the learning-rate decay is through the time budget of ``timer``
+        (``time_budget()``): 0 when it begins (after warmup, counted in steps), 1 when the Timer
+        stops training; 0 without a time budget. The schedule follows it, so that a slower machine
+        trains fewer steps but finishes its decay rather than being cut off at a high learning
+        rate."""
         if timer is None or step < self.hparams.warmup_steps:
             return 0.0
         elapsed = timer.time_elapsed()  # resumes included

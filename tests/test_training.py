@@ -55,16 +55,18 @@ def test_time_progress_runs_from_the_end_of_warmup_to_the_end_of_the_budget():
     module = GPTLightningModule(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2,
                                           n_embd=16), warmup_steps=10)
     timer = FakeTimer(duration=100)
-    module._trainer = SimpleNamespace(callbacks=[timer])
     timer.now = 15.0
-    assert module.time_progress(5) == 0.0  # warming up
+    assert module.time_progress(5, timer) == 0.0  # warming up
     timer.now = 20.0
-    assert module.time_progress(10) == 0.0  # the decay begins here, 20 s into the budget
+    assert module.time_progress(10, timer) == 0.0  # the decay begins here, 20 s into the budget
     for now, progress in ((60.0, 0.5), (100.0, 1.0)):
         timer.now = now
-        assert module.time_progress(50) == pytest.approx(progress)
-    module._trainer = SimpleNamespace(callbacks=[])  # no max_time: no time progress
-    assert module.time_progress(50) == 0.0
+        assert module.time_progress(50, timer) == pytest.approx(progress)
+    assert module.time_progress(50, None) == 0.0  # no max_time: no time progress
+    module._trainer = SimpleNamespace(callbacks=[timer])  # time_budget finds the Timer
+    assert module.time_budget() is timer
+    module._trainer = SimpleNamespace(callbacks=[])
+    assert module.time_budget() is None
 
 
 def test_a_time_budget_alone_sizes_the_schedule(text_file, tmp_path):
