@@ -7,6 +7,7 @@ step and wall time.
     python scripts/ablate.py recipe --variants baseline muon recipe --out runs/ablation \\
         -- --trainer.max_steps 500 --seed_everything 1338
     python scripts/ablate.py translation -- --data.source ../shared/data/multi30k
+    python scripts/ablate.py translation_budget -- --data.source ../shared/data/multi30k  # 2.5 h
 
 A study (STUDIES) is a baseline config, its variants (train.py flags added to it; a variant that
 gives --config replaces the baseline config) and the flags every run of it gets. What follows
@@ -48,6 +49,8 @@ def model(**fields) -> list[str]:
 
 # the translation model before Muon: AdamW for every parameter
 ADAMW_SEQ2SEQ = ["--model.optimizer=adamw"]
+# the translation config before its dropout went to 0 and its batches to 1,500 tokens
+SEQ2SEQ_BEFORE = ["--model.config.dropout=0.1", "--data.max_tokens=3000"]
 
 STUDIES = {
     # docs/attention.md section 9.5: the attention options of today's models, alone and together
@@ -76,16 +79,27 @@ STUDIES = {
         "muon": ["--model.optimizer=muon"],
         "recipe": ["--config=configs/shakespeare_char_cpu.yaml"],
     }, flags=["--trainer.val_check_interval=100", "--target_loss=1.88"], target=1.88),
-    # docs/translation.md: from the AdamW translation model to configs/multi30k_de_en.yaml (Muon),
-    # and the attention and MLP options alone and on top of Muon, in 500-step runs (greedy val BLEU
-    # at the end, then beam 4 at length penalty 1)
+    # docs/translation.md: from the AdamW translation model to Muon, and the attention and MLP
+    # options alone and on top of Muon, in 500-step runs (greedy val BLEU at the end, then beam 4 at
+    # length penalty 1), with the dropout and batches the config had then
     "translation": Study("configs/multi30k_de_en.yaml", {
         "baseline": ADAMW_SEQ2SEQ,
-        "muon": [],  # the config as it is
+        "muon": [],
         "rope_qk_norm": [*ADAMW_SEQ2SEQ, *model(pos_emb="rope", qk_norm=True)],
         "muon_rope_qk_norm_relu2": model(pos_emb="rope", qk_norm=True, mlp="relu2"),
-    }, flags=["--trainer.max_steps=500", "--trainer.max_time=null", "--model.warmup_steps=100",
-              "--trainer.val_check_interval=500", "--model.tune_length_penalty=null"]),
+    }, flags=[*SEQ2SEQ_BEFORE, "--trainer.max_steps=500", "--trainer.max_time=null",
+              "--model.warmup_steps=100", "--trainer.val_check_interval=500",
+              "--model.tune_length_penalty=null"]),
+    # docs/translation.md: the whole 26.5-minute budget of configs/multi30k_de_en.yaml (dev-tuned
+    # length penalty, beam 4 on val at the end), from the config before dropout 0 and 1,500-token
+    # batches to the config as it is
+    "translation_budget": Study("configs/multi30k_de_en.yaml", {
+        "before": SEQ2SEQ_BEFORE,
+        "vocab_4000": [*SEQ2SEQ_BEFORE, "--data.vocab_size=4000"],
+        "tokens_1500": SEQ2SEQ_BEFORE[:1],
+        "dropout_0": SEQ2SEQ_BEFORE[1:],
+        "config": [],
+    }),
 }
 
 

@@ -311,21 +311,41 @@ def test_ablation_variants_resolve_from_the_runs_shape_and_unknown_ones_are_refu
         ablate.main(["recipe", "--variants", "baseline", "gqa"])
 
 
+def merged_translation_run(study: str, variant: str) -> dict:
+    """What train.py would run for a variant of a translation study (--print_config)."""
+    study = ablate.STUDIES[study]
+    printed = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", study.config, *study.variants[variant],
+         *study.flags, "--print_config"], cwd=REPO, capture_output=True, text=True, check=True)
+    config = yaml.safe_load(printed.stdout)
+    return {"optimizer": config["model"]["optimizer"],
+            **{k: config["model"]["config"][k] for k in ("pos_emb", "qk_norm", "mlp", "dropout")},
+            **{k: config["data"][k] for k in ("max_tokens", "vocab_size")},
+            "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
+
+
 def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_one_change():
-    study = ablate.STUDIES["translation"]
-
     def merged(variant: str) -> dict:
-        printed = subprocess.run(
-            [sys.executable, "train.py", "fit", "--config", study.config, *study.variants[variant],
-             *study.flags, "--print_config"], cwd=REPO, capture_output=True, text=True, check=True)
-        config = yaml.safe_load(printed.stdout)
-        return {"optimizer": config["model"]["optimizer"],
-                **{k: config["model"]["config"][k] for k in ("pos_emb", "qk_norm", "mlp")},
-                "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
+        return merged_translation_run("translation", variant)
 
-    protocol = {"steps": 500, "max_time": None}
+    # 500 steps, with the dropout and batch size the config had when the table was measured
+    protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
+                "vocab_size": 8000}
     assert merged("baseline") == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False,
                                   "mlp": "gelu", **protocol}
     assert merged("muon") == {**merged("baseline"), "optimizer": "muon"}
     assert merged("muon_rope_qk_norm_relu2") == {"optimizer": "muon", "pos_emb": "rope",
                                                  "qk_norm": True, "mlp": "relu2", **protocol}
+
+
+def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_one_change_each():
+    def merged(variant: str) -> dict:
+        return merged_translation_run("translation_budget", variant)
+
+    config = merged("config")
+    assert config["max_time"] is not None and config["optimizer"] == "muon"  # the whole budget
+    before = {**config, "dropout": 0.1, "max_tokens": 3000}
+    assert config != before and merged("before") == before
+    assert merged("vocab_4000") == {**before, "vocab_size": 4000}
+    assert merged("tokens_1500") == {**before, "max_tokens": config["max_tokens"]}
+    assert merged("dropout_0") == {**before, "dropout": config["dropout"]}
