@@ -50,7 +50,8 @@ def model(**fields) -> list[str]:
 # the translation model before Muon: AdamW for every parameter
 ADAMW_SEQ2SEQ = ["--model.optimizer=adamw"]
 # the translation config before its dropout went to 0 and its batches to 1,500 tokens
-SEQ2SEQ_BEFORE = ["--model.config.dropout=0.1", "--data.max_tokens=3000"]
+DROPOUT_BEFORE, BATCHES_BEFORE = "--model.config.dropout=0.1", "--data.max_tokens=3000"
+SEQ2SEQ_BEFORE = [DROPOUT_BEFORE, BATCHES_BEFORE]
 
 STUDIES = {
     # docs/attention.md section 9.5: the attention options of today's models, alone and together
@@ -96,8 +97,8 @@ STUDIES = {
     "translation_budget": Study("configs/multi30k_de_en.yaml", {
         "before": SEQ2SEQ_BEFORE,
         "vocab_4000": [*SEQ2SEQ_BEFORE, "--data.vocab_size=4000"],
-        "tokens_1500": SEQ2SEQ_BEFORE[:1],
-        "dropout_0": SEQ2SEQ_BEFORE[1:],
+        "tokens_1500": [DROPOUT_BEFORE],
+        "dropout_0": [BATCHES_BEFORE],
         "config": [],
     }),
 }
