@@ -4,6 +4,7 @@ loss."""
 
 import copy
 import csv
+import functools
 import itertools
 import logging
 import subprocess
@@ -325,23 +326,20 @@ def merged_translation_run(study: str, variant: str) -> dict:
 
 
 def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_one_change():
-    def merged(variant: str) -> dict:
-        return merged_translation_run("translation", variant)
-
+    merged = functools.partial(merged_translation_run, "translation")
     # 500 steps, with the dropout and batch size the config had when the table was measured
     protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
                 "vocab_size": 8000}
-    assert merged("baseline") == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False,
-                                  "mlp": "gelu", **protocol}
-    assert merged("muon") == {**merged("baseline"), "optimizer": "muon"}
+    baseline = merged("baseline")
+    assert baseline == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False, "mlp": "gelu",
+                        **protocol}
+    assert merged("muon") == {**baseline, "optimizer": "muon"}
     assert merged("muon_rope_qk_norm_relu2") == {"optimizer": "muon", "pos_emb": "rope",
                                                  "qk_norm": True, "mlp": "relu2", **protocol}
 
 
 def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_one_change_each():
-    def merged(variant: str) -> dict:
-        return merged_translation_run("translation_budget", variant)
-
+    merged = functools.partial(merged_translation_run, "translation_budget")
     config = merged("config")
     assert config["max_time"] is not None and config["optimizer"] == "muon"  # the whole budget
     before = {**config, "dropout": 0.1, "max_tokens": 3000}
