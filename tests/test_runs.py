@@ -107,6 +107,7 @@ def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file
     fit(text_file, tmp_path)
     folder, = (tmp_path / "env-project").iterdir()  # the project names the folder of its runs
     records = list(compare_runs.wandb_records(next((folder / "wandb").glob("offline-run-*/*.wandb"))))
+    assert records[-1].WhichOneof("record_type") == "exit"  # the file is whole when the run returns
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.project, run.entity, run.run_group, list(run.tags)) == ("env-project", "env-team", "env-group",
                                                                         ["cpu", "sweep"])
