@@ -5,8 +5,9 @@ residual stream.
   them).
 * The seq2seq encoder: bidirectional self-attention (with a key padding mask), MLP.
 
-The block's norm is GPT-2's LayerNorm or RMSNorm, and its MLP GPT-2's GELU, the squared ReLU of
-modded-nanogpt and nanochat, or LLaMA's SwiGLU (``NORMS``, ``MLPS``).
+The block's norm is GPT-2's LayerNorm or RMSNorm, and its MLP a GELU (exact, or the tanh
+approximation the published GPT-2 weights were trained with), the squared ReLU of modded-nanogpt
+and nanochat, or LLaMA's SwiGLU (``NORMS``, ``MLPS``).
 """
 
 import math
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 POS_EMBS = ("learned", "rope")  # a table added to the embeddings, or rotary (model/rotary.py)
 
 
@@ -98,8 +99,10 @@ def mlp_hidden_size(mlp: str, n_embd: int) -> int:
 
 
 class MLP(nn.Module):
-    """out_proj(act(fc(x))): act is GELU (``gelu``) or relu(.)^2 (``relu2``: as cheap as ReLU,
-    smooth at 0 and sparse). ``swiglu``: fc makes two vectors, and silu(gate) * up goes on."""
+    """out_proj(act(fc(x))): act is GELU (``gelu``; ``gelu_tanh``: its tanh approximation, which
+    GPT-2 used and its weights expect, Hugging Face's "gelu_new") or relu(.)^2 (``relu2``: as cheap
+    as ReLU, smooth at 0 and sparse). ``swiglu``: fc makes two vectors, and silu(gate) * up goes
+    on."""
 
     def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool, mlp: str = "gelu"):
         super().__init__()
@@ -112,6 +115,8 @@ class MLP(nn.Module):
         h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for SwiGLU
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:

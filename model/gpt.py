@@ -44,7 +44,7 @@ class GPTConfig:
     window: int | None = None  # sliding window: a query sees the `window` latest tokens; None: all
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before the scores
     norm: str = "layernorm"  # the blocks' and the final norm: "layernorm" or "rmsnorm"
-    mlp: str = "gelu"  # the MLP's activation: "gelu", "relu2" (squared ReLU) or "swiglu"
+    mlp: str = "gelu"  # the MLP's activation: "gelu", "gelu_tanh", "relu2" (squared ReLU), "swiglu"
     tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False: its own
     zero_init_proj: bool = False  # output projections (attention's, MLP's) start at zero
     # logits become softcap * tanh(logits / softcap): they stay within (-softcap, softcap), which

@@ -52,7 +52,7 @@ class Seq2SeqConfig:
     pos_emb: str = "learned"  # "learned": a table per side added to the embeddings; "rope": rotary
     rope_theta: float = 10000.0  # RoPE's base (model/rotary.py)
     norm: str = "layernorm"  # the blocks' and the final norms: "layernorm" or "rmsnorm"
-    mlp: str = "gelu"  # the MLP's activation: "gelu", "relu2" (squared ReLU) or "swiglu"
+    mlp: str = "gelu"  # the MLP's activation: "gelu", "gelu_tanh", "relu2" (squared ReLU), "swiglu"
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer",
