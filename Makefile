@@ -1,5 +1,6 @@
 # `make train` and `make test` set everything up on first use: a virtual environment in .venv,
-# PyTorch (the build pip picks for this machine, or TORCH=...), and this project with its dev tools.
+# PyTorch (the build pip picks for this machine, or TORCH=...), and this project with its dev tools
+# and Hugging Face transformers (GPT-2's weights; the tests build small GPT-2s with it).
 #
 #   make train                                  # CPU config on Tiny Shakespeare (ships in data/, offline)
 #   make train DATA=path/to/input.txt           # ... on your own text (a file, folder, glob or hub id)
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,hf]"
 	touch $@
 
 install: $(STAMP)
