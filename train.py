@@ -63,7 +63,13 @@ from data.lm import LMDataModule
 from data.tokenizers import tokenizer_from_dict
 from data.translation import TranslationDataModule
 from model import Block, GPTConfig, Seq2SeqConfig
-from model.checkpoint import MODELS, read_checkpoint
+from model.checkpoint import (
+    MODELS,
+    load_gpt_weights,
+    read_checkpoint,
+    source_config,
+    source_state_dict,
+)
 from model.device import (
     DeviceInfo,
     choose_attn_impl,
@@ -377,6 +383,13 @@ class GPTLightningModule(TrainModule):
         val_samples: samples generated at each validation (0: none), logged as text and, with
             wandb, a table.
         val_sample_tokens: tokens per sample.
+        init_from: a warm start: the run begins from the weights of this source instead of random
+            ones, with a new optimizer, schedule and run folder (``--ckpt_path`` resumes a run
+            instead). A source is a checkpoint written by train.py, a published GPT-2 (``gpt2``,
+            ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``) or a Hugging Face GPT-2 folder
+            (model/checkpoint.py). The model's architecture is the source's (``config`` options
+            left unset take its values; see ``WARM_START_MAY_CHANGE``), and so is the tokenizer:
+            the data's must be the same.
     """
 
     kind = "gpt"
@@ -395,9 +408,18 @@ class GPTLightningModule(TrainModule):
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
                  muon_momentum: float = 0.95, decay_embeddings: bool = False,
-                 compile: bool = False, val_samples: int = 2, val_sample_tokens: int = 200):
+                 compile: bool = False, val_samples: int = 2, val_sample_tokens: int = 200,
+                 init_from: str | None = None):
         super().__init__(config)
         self._flops_shape = None
+
+    def warm_start(self):
+        """Copy the weights of ``init_from`` into the model, before anything is trained: the first
+        step starts from them, and the optimizer is made afterwards, fresh."""
+        source = self.hparams.init_from
+        load_gpt_weights(self.model, source_state_dict(source), source)
+        rank_zero_info(f"Warm start: the weights of {source} "
+                       f"({self.model.num_params(non_embedding=False) / 1e6:.1f}M parameters)")
 
     def configure_model(self):
         if self.hparams.compile:
@@ -904,6 +926,12 @@ KINDS = {"gpt": Kind(GPTLightningModule, LMDataModule, "block_size", masks_padde
 # Model options a resumed run may change: the attention path and compiling change how it computes,
 # not what. Any other model option that differs from the checkpoint's ends the start with a message.
 RESUME_MAY_CHANGE = ("config.attn_impl", "compile")
+# Model config options a warm start (--model.init_from) sets for itself: how the model computes and
+# is regularised, and its initialisation (overwritten by the source's weights), not the shapes of
+# its weights. block_size too: up to the source's with learned positions (the table is cut to it).
+# The vocabulary is the tokenizer's, which must be the source's. Any other option left at its
+# default takes the source's value; set to another value, it ends the start with a message.
+WARM_START_MAY_CHANGE = ("dropout", "attn_impl", "block_size", "zero_init_proj", "vocab_size")
 
 
 def _flat(options: dict, prefix: str = "") -> dict:
@@ -990,11 +1018,15 @@ class CLI(LightningCLI):
                              f"runs/<project>/<run>/checkpoints/last.ckpt. Each run has its own "
                              f"folder, where Lightning's {ckpt_path!r} would find nothing and "
                              f"train from scratch")
-        self._checkpoint = None
+        self._checkpoint = self._init_tokenizer = None
+        model = self.config[subcommand].model if subcommand else self.config.model
         if not ckpt_path:
+            if model.get("init_from"):
+                _, self._init_tokenizer = self._take_architecture(model, model.init_from)
             return super()._parse_ckpt_path()
         self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.kind.module.kind)
-        model = self.config[subcommand].model
+        if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
+            self._take_architecture(model, ckpt_path)
         ours = _flat(model.as_dict())
         theirs = _flat(self._checkpoint["hyper_parameters"])
         conflicts = [(key, value, ours[key]) for key, value in theirs.items()
@@ -1006,6 +1038,39 @@ class CLI(LightningCLI):
         for key in RESUME_MAY_CHANGE:  # ... but these are how the run computes: the command's win
             if key in ours:
                 self.config[subcommand].model[key] = ours[key]
+
+    def _take_architecture(self, model, source: str) -> tuple[dict, dict | None]:
+        """A warm start's model options (``model``, a Namespace) take the architecture of
+        ``source``: each config option left at its default gets the source's value, and one set
+        to another value is an error (but ``WARM_START_MAY_CHANGE``). Returns the source's config
+        and tokenizer (``to_dict()``; None for one this project does not know), read without the
+        weights."""
+        kind, theirs, tokenizer = source_config(source)
+        if kind != self.kind.module.kind:
+            raise ValueError(f"--model.init_from {source} holds a {kind} model; a "
+                             f"{self.kind.module.kind} run cannot start from it")
+        ours, defaults = model.config, asdict(GPTConfig())
+        conflicts = []
+        for key, value in theirs.items():
+            if key in WARM_START_MAY_CHANGE or ours[key] == value:
+                continue
+            if ours[key] == defaults[key]:
+                ours[key] = value  # left unset: the source's
+            else:
+                conflicts.append(f"model.config.{key} is {ours[key]!r} here but {value!r} there")
+        if conflicts:
+            raise ValueError(f"--model.init_from {source} keeps the architecture of the model it "
+                             f"starts from: {'; '.join(conflicts)}. Leave these options out (the "
+                             f"source's are taken), or train from scratch without "
+                             f"--model.init_from")
+        shape = ", ".join(f"{key} {ours[key]}" for key in ("n_layer", "n_head", "n_embd"))
+        rank_zero_info(f"Model: the architecture of {source} ({shape}; model.config in the run's "
+                       f"config.yaml)")
+        if theirs.get("pos_emb", "learned") == "learned" and ours.block_size > theirs["block_size"]:
+            raise ValueError(f"--data.block_size {ours.block_size} is longer than the "
+                             f"{theirs['block_size']} positions {source} has learned: set "
+                             f"--data.block_size {theirs['block_size']} or less")
+        return theirs, tokenizer
 
     def _resume_conflict_message(self, ckpt_path: str, conflicts: list[tuple[str, object, object]]
                                  ) -> str:
@@ -1051,7 +1116,9 @@ class CLI(LightningCLI):
                 raise ValueError(f"{config.ckpt_path} was trained with another vocabulary than "
                                  f"this data's tokenizer ({ours.vocab_size} tokens): use it with "
                                  f"the data and --data.tokenizer it was trained with")
-        elif run_dir.exists() and not self.launcher_run_id:
+        elif self.model.hparams.get("init_from"):  # a warm start: the data must speak its tokens
+            self._check_init_tokenizer(self.model.hparams.init_from)
+        if self._checkpoint is None and run_dir.exists() and not self.launcher_run_id:
             raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, "
                              f"or resume that run with --ckpt_path {run_dir}/checkpoints/last.ckpt")
         # the folder itself is made when training sets up (SaveRunConfig), so that bad input
@@ -1082,12 +1149,29 @@ class CLI(LightningCLI):
         return super().instantiate_trainer(**{**kwargs, "logger": loggers, "plugins": plugins,
                                               "callbacks": callbacks})
 
+    def _check_init_tokenizer(self, source: str):
+        ours = getattr(self.datamodule, "tokenizer", None)
+        if ours is None or ours.to_dict() == self._init_tokenizer:
+            return
+        if self._init_tokenizer is None:
+            raise ValueError(f"--model.init_from {source} has a vocabulary of "
+                             f"{self.model.model.config.vocab_size} tokens and no tokenizer this "
+                             f"project knows, so no data can be tokenized for it")
+        theirs = self._init_tokenizer["name"]
+        same = " (another vocabulary: another text)" if theirs == ours.name else ""
+        raise ValueError(f"--model.init_from {source} reads {theirs} tokens, but the data is "
+                         f"tokenized with --data.tokenizer {ours.name}{same}: the tokenizer "
+                         f"comes with the weights; set --data.tokenizer {theirs}"
+                         + (" and the text it was trained on" if theirs == "char" else ""))
+
     def _run_subcommand(self, subcommand):
         # The worker processes of a multi-process run start from the command line again and take
         # this run's id from the environment (make_cli): set for as long as the run lasts only,
         # so that a later CLI in this process (or one built without running) starts its own run.
         os.environ["MINIGPT_RUN_ID"] = self.model.run_info["id"]
         try:
+            if self.model.hparams.get("init_from") and not self.config_init[subcommand].ckpt_path:
+                self.model.warm_start()  # (a resumed run's weights are its checkpoint's)
             super()._run_subcommand(subcommand)
         except BaseException:  # interrupted, or failed: close the wandb run as failed
             self.finish_run(exit_code=1)  # (a resume reopens it)
