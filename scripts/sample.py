@@ -1,10 +1,14 @@
-"""Sample text from a trained checkpoint.
+"""Sample text from a trained checkpoint, or from GPT-2.
 
     python scripts/sample.py --ckpt runs/mini-gpt/<run>/checkpoints/last.ckpt --prompt "ROMEO:"
     python scripts/sample.py --ckpt model.ckpt --prompt-file prompt.txt --num-samples 3 \\
         --temperature 0.8 --top-k 200 --max-new-tokens 500 --stop "\\n\\n" --stream
+    python scripts/sample.py --init-from gpt2 --prompt "The meaning of life is"
 
-The checkpoint alone is enough: it holds the model's config and its tokenizer. Without a prompt,
+The checkpoint alone is enough: it holds the model's config and its tokenizer. ``--init-from``
+takes the published GPT-2 weights instead (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``:
+downloaded once, with ``pip install -e '.[hf]'``), or a Hugging Face GPT-2 folder (as
+scripts/export_hf.py writes). Without a prompt,
 generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for
 GPT-2). Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
 block_size, a model with learned positions crops the context to its last half; one with rotary
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import torch
 
-from model.checkpoint import load_gpt_checkpoint
+from model.checkpoint import load_checkpoint, load_model
 from model.sampling import check_sampling_args
 from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 
@@ -64,7 +68,11 @@ def sample(model, tokenizer, ids: list[int], args, generator, echo=None) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint written by train.py")
+    source.add_argument("--init-from", metavar="SOURCE",
+                        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 "
+                             "folder (or a checkpoint, as --ckpt)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--prompt", default=None, help="text to continue")
     group.add_argument("--prompt-file", default=None, help="file whose text to continue")
@@ -95,7 +103,13 @@ def main(argv=None):
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the prompt file: {e}") from None
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    model, tokenizer = load_gpt_checkpoint(args.ckpt, args.device)
+    source = args.ckpt or args.init_from
+    load = load_checkpoint if args.ckpt else load_model  # --ckpt: one of ours, nothing else
+    model, tokenizer, _ = load(source, args.device, kind="gpt")
+    if tokenizer is None:
+        raise UsageError(f"{source} has a vocabulary of {model.config.vocab_size} tokens and no "
+                         f"tokenizer this project knows (GPT-2's has 50257), so no prompt can be "
+                         f"encoded for it nor a sample decoded")
     learned = model.config.pos_emb == "learned"  # rotary positions read prompts of any length
     ids = prompt_ids(tokenizer, prompt, model.config.block_size if learned else None)
     head = tokenizer.decode(ids) if prompt else ""
