@@ -68,6 +68,12 @@ def tiny_run(text_file: Path, save_dir: Path, *extra: str) -> list[str]:
             "--throughput.window_size", "5", "--run.save_dir", str(save_dir), *extra]
 
 
+# tiny_run's options that make its model one of GPT-2's architecture (with n_layer 2: the shape of
+# the checkpoints fixture's GPT)
+GPT2_SHAPED = ("--model.config.pos_emb", "learned", "--model.config.qk_norm", "false",
+               "--model.config.mlp", "gelu_tanh")
+
+
 def run_folders(save_dir: Path) -> list[Path]:
     return sorted(p for p in (save_dir / "mini-gpt").iterdir() if p.is_dir())
 
@@ -107,9 +113,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     (root / "text.txt").write_text(make_text())
     # learned positions: the tests of block_size's limit need them (rotary checkpoints are tested
-    # in test_attention_options.py)
+    # in test_attention_options.py); with GPT's MLP and no QK-norm, GPT-2's architecture, which
+    # scripts/export_hf.py exports
     main(tiny_run(root / "text.txt", root / "runs", "--data.block_size", "32", "--model.lr", "1e-2",
-                  "--model.config.pos_emb", "learned",
+                  *GPT2_SHAPED,
                   "--model.config.n_layer", "2", "--trainer.max_steps", "30",
                   "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "1",
                   "--run.name", "gpt"))

@@ -45,6 +45,7 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
         "bench_train": ["--source", str(ckpts["text"]), "--variants", "auto:auto", "naive:32-true",
                         "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1",
                         "--data.cache_dir", str(out / "cache"), *GPT_RUN],
+        "export_hf": ["--ckpt", str(ckpts["gpt"]), "--out", str(out / "exported")],
         "compare_runs": [str(ckpts["gpt_run"]), str(ckpts["seq2seq_run"]), "--all-settings",
                          "--plot", str(out / "compare.png")],
         "plot_attention": ["--ckpt", str(ckpts["gpt"]), "--text", "The cat", "--out",
@@ -60,6 +61,7 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
 EXPECTED_OUTPUT = {"ablate": "steps to 1.88", "bench_attention": "| T |",
                    "bench_generate": "tokens/s", "bench_optim": "| Muon, Newton-Schulz in fp32",
                    "bench_train": "| auto:auto |", "compare_runs": "best val/loss",
+                   "export_hf": "model.safetensors",
                    "plot_attention": "", "prepare_data": "train", "sample": "The",
                    "translate": "sacreBLEU"}
 
