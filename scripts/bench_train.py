@@ -11,7 +11,8 @@ A variant is ATTN_IMPL:PRECISION[:compile]; ``auto`` resolves as train.py resolv
 ways, alternating, for --warmup + --steps optimizer steps, and the best run of each way counts:
 through train.py's Lightning path (its CLI, callbacks and loggers as a run has them, wandb offline;
 no validation; one checkpoint at the end) and through a bare loop that does the same work (same
-module, optimizer, LR schedule, clipping, autocast, batches). Times are over the last --steps steps.
+module, optimizer, LR schedule, clipping, autocast, batches, gradient accumulation). Times are over
+the last --steps steps.
 Flags this script does not know go to train.py's CLI (e.g. --model.config.n_layer 2). Prints a
 markdown table and the machine it ran on.
 """
@@ -40,13 +41,16 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class StepClock(L.Callback):
-    """Time at the end of every training batch."""
+    """Time at the end of every optimizer step: of every training batch, or with gradient
+    accumulation, of the last batch of each step."""
 
     def __init__(self):
-        self.times = []
+        self.times, self._step = [], 0
 
-    def on_train_batch_end(self, *args):
-        self.times.append(time.perf_counter())
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step != self._step:  # this batch ended an optimizer step
+            self._step = trainer.global_step
+            self.times.append(time.perf_counter())
 
 
 def build(args, attn_impl: str, precision: str, compile: bool):
@@ -66,20 +70,20 @@ def ms_per_step(times: list[float], steps: int) -> float:
 
 
 def lightning_run(args, variant) -> tuple[float, str, str, int]:
-    """ms per step through Lightning, the resolved attention path and precision, and tokens per
-    step."""
+    """ms per optimizer step through Lightning, the resolved attention path and precision, and
+    tokens per step (every batch's, with gradient accumulation)."""
     cli = build(args, *variant)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, cli.datamodule)
     x, _ = next(iter(cli.datamodule.train_dataloader()))
     return (ms_per_step(clock.times, args.steps), cli.model.model.config.attn_impl,
-            str(cli.trainer.precision), x.numel())
+            str(cli.trainer.precision), x.numel() * cli.trainer.accumulate_grad_batches)
 
 
 def bare_run(args, variant) -> float:
-    """What the Lightning step does, written out: forward under autocast, backward, clip, step,
-    schedule."""
+    """What the Lightning step does, written out: forward under autocast and backward (for each
+    batch a step accumulates), clip, step, schedule."""
     cli = build(args, *variant)
     module, dm, trainer = cli.model.to(args.device), cli.datamodule, cli.trainer
     dm.setup("fit")
@@ -92,12 +96,13 @@ def bare_run(args, variant) -> float:
     scaler = torch.amp.GradScaler(args.device, enabled=dtype == torch.float16)
     batches = iter(dm.train_dataloader())
     module.train()
-    times = []
+    times, accumulate = [], trainer.accumulate_grad_batches
     for _ in range(args.warmup + args.steps):
-        x, y = (t.to(args.device, non_blocking=True) for t in next(batches))
-        with autocast:
-            _, loss = module.model(x, y)
-        scaler.scale(loss).backward()
+        for _ in range(accumulate):  # the step's gradient: the mean over its batches
+            x, y = (t.to(args.device, non_blocking=True) for t in next(batches))
+            with autocast:
+                _, loss = module.model(x, y)
+            scaler.scale(loss / accumulate).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(module.parameters(), trainer.gradient_clip_val)
         scaler.step(optimizer)

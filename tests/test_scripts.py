@@ -44,7 +44,8 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
                            "--repeats", "1", "--threads", "1"],
         "bench_train": ["--source", str(ckpts["text"]), "--variants", "auto:auto", "naive:32-true",
                         "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1",
-                        "--data.cache_dir", str(out / "cache"), *GPT_RUN],
+                        "--data.cache_dir", str(out / "cache"), *GPT_RUN,
+                        "--trainer.accumulate_grad_batches", "2"],  # steps of 2 batches
         "export_hf": ["--ckpt", str(ckpts["gpt"]), "--out", str(out / "exported")],
         "compare_runs": [str(ckpts["gpt_run"]), str(ckpts["seq2seq_run"]), "--all-settings",
                          "--plot", str(out / "compare.png")],
