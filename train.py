@@ -1158,11 +1158,14 @@ class CLI(LightningCLI):
                              f"{self.model.model.config.vocab_size} tokens and no tokenizer this "
                              f"project knows, so no data can be tokenized for it")
         theirs = self._init_tokenizer["name"]
-        same = " (another vocabulary: another text)" if theirs == ours.name else ""
+        if theirs == ours.name:  # characters: each text has its own vocabulary
+            raise ValueError(f"--model.init_from {source} was trained on another character "
+                             f"vocabulary than this data's ({ours.vocab_size} characters): the "
+                             f"tokenizer comes with the weights; start from it on text of the "
+                             f"same characters (such as the text it was trained on)")
         raise ValueError(f"--model.init_from {source} reads {theirs} tokens, but the data is "
-                         f"tokenized with --data.tokenizer {ours.name}{same}: the tokenizer "
-                         f"comes with the weights; set --data.tokenizer {theirs}"
-                         + (" and the text it was trained on" if theirs == "char" else ""))
+                         f"tokenized with --data.tokenizer {ours.name}: the tokenizer comes with "
+                         f"the weights; set --data.tokenizer {theirs}")
 
     def _run_subcommand(self, subcommand):
         # The worker processes of a multi-process run start from the command line again and take

@@ -250,6 +250,22 @@ def test_a_warm_start_from_gpt2_begins_with_its_weights_and_a_fresh_optimizer(
     assert not torch.equal(trained.state_dict()["wte.weight"], source["wte.weight"])  # it trained
 
 
+def test_validate_with_init_from_measures_the_source_as_it_comes(gpt2_folder, text_file, tmp_path):
+    """`train.py validate --model.init_from gpt2`: GPT-2's val loss before any fine-tuning."""
+    from train import main
+
+    args = finetune_run(gpt2_folder, text_file, tmp_path)
+    cli = main(["validate", *args[1:args.index("--trainer.accumulate_grad_batches")],
+                "--trainer.limit_val_batches", "3", "--run.save_dir", str(tmp_path)])
+    model, _, _ = load_model(str(gpt2_folder))
+    losses = []
+    for x, y in list(cli.datamodule.val_dataloader())[:3]:  # the batches validate saw
+        losses.append(torch.nn.functional.cross_entropy(our_logits(model, x).flatten(0, 1),
+                                                        y.flatten()))
+    expected = torch.stack(losses).mean()  # equal-sized batches: the mean of means
+    assert cli.trainer.callback_metrics["val/loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_a_warm_start_from_a_checkpoint_is_a_new_run_and_ckpt_path_still_resumes(
         checkpoints, tmp_path, first_step):
     source = tmp_path / "source.ckpt"  # a copy, deleted before the resume
@@ -284,8 +300,8 @@ def test_warm_start_mistakes_get_one_clear_message(checkpoints, gpt2_folder, tex
                                          r"--data.tokenizer char: the tokenizer comes with the "
                                          r"weights; set --data.tokenizer gpt2"):
         main(finetune_run(gpt2_folder, text_file, tmp_path, "--data.tokenizer", "char"))
-    with pytest.raises(ValueError, match=r"reads char tokens, .*\(another vocabulary: another "
-                                         r"text\)"):
+    with pytest.raises(ValueError, match=r"was trained on another character vocabulary than "
+                                         r"this data's \(46 characters\)"):
         other = tmp_path / "other.txt"  # characters the checkpoint's vocabulary does not have
         other.write_text("XYZ!? " + text_file.read_text())
         fit(other, tmp_path, "--data.block_size", "32", *GPT2_SHAPED, "--model.config.n_layer",
