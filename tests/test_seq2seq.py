@@ -98,6 +98,26 @@ def test_loss_ignores_padding_and_smooths_labels():
     assert smoothed > loss  # the same weights (same seed): smoothing adds the spread term
 
 
+def test_word_dropout_zeroes_whole_tokens_while_training_and_nothing_in_eval():
+    model = make_model(word_dropout=0.5)
+    src = padded_batch([20, 20], 20)
+    positions = model.enc_pos(torch.arange(20))
+    tokens = model.tok_emb(src)  # (B, S, C)
+    model.train()
+    torch.manual_seed(0)
+    dropped = model._embed(src, model.enc_pos, 0, "the source")[0] - positions  # (B, S, C)
+    zeroed = dropped.abs().amax(-1) < 1e-6  # (B, S): a token's every channel, or none
+    kept = torch.isclose(dropped, 2 * tokens, atol=1e-6).all(-1)  # the rest scaled by 1 / (1 - p)
+    assert (zeroed ^ kept).all() and 10 <= zeroed.sum() <= 30  # ~20 of 40 dropped
+    model.eval()  # decoding: every token, unscaled, as a model without word dropout
+    plain = make_model()
+    plain.load_state_dict(model.state_dict())
+    tgt = padded_batch([6, 3], 6, seed=1)
+    torch.testing.assert_close(model(src, tgt)[0], plain(src, tgt)[0])
+    with pytest.raises(ValueError, match="word_dropout must be in"):
+        make_model(word_dropout=1.0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cached_decoding_equals_uncached(impl):
     model = make_model(impl, seed=3)
