@@ -56,6 +56,21 @@ def test_kv_cache_fills_in_place_and_refuses_overflow():
     assert cache.append(k, k)[0].shape == (2, 3, 3, 8)
 
 
+@pytest.mark.parametrize("rolling", [False, True])
+def test_kv_cache_reorder_moves_the_stored_rows_and_keeps_filling(rolling):
+    cache = KVCache(max_len=6, rolling=rolling)
+    k = torch.randn(2, 3, 4, 8)
+    cache.append(k, -k)
+    index = torch.tensor([1, 1, 0])  # as beam search picks parents: repeated, reordered, 2 -> 3
+    cache.reorder(index)
+    keys, values = cache.stored() if not rolling else (cache.k, cache.v)
+    assert torch.equal(keys, k[index]) and torch.equal(values, -k[index])
+    new = torch.randn(3, 3, 1, 8)
+    keys, values = cache.append(new, -new)
+    assert torch.equal(keys, torch.cat([k[index], new], dim=2))
+    assert torch.equal(values, -torch.cat([k[index], new], dim=2))
+
+
 def test_top_k_keeps_exactly_k_even_with_ties():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 2.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
     kept = torch.isfinite(top_k_filter(logits, 2))
