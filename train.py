@@ -572,16 +572,22 @@ class Seq2SeqLightningModule(TrainModule):
             return
         start = time.perf_counter()
         self.eval()
+        # Lightning's teardown moved the model to the CPU when fit ended: search on the device it
+        # trained on (on a GPU the final beam search had run on the host's CPU), then put it back
+        self.to(trainer.strategy.root_device)
         hp = self.hparams
-        if hp.tune_length_penalty:
-            hp.length_penalty = self.best_length_penalty()
-        metrics, results = {"length_penalty": hp.length_penalty}, []
-        for split, prefix in (("val", ""), ("test", "test_")):
-            if split in trainer.datamodule.texts:
-                scores, _ = self.evaluate_bleu(hp.beam_size, split)
-                metrics.update({prefix + name: value for name, value in scores.items()})
-                results.append(f"{split} {scores['bleu']:.2f} cased, {scores['bleu_lc']:.2f} "
-                               "lowercase")
+        try:
+            if hp.tune_length_penalty:
+                hp.length_penalty = self.best_length_penalty()
+            metrics, results = {"length_penalty": hp.length_penalty}, []
+            for split, prefix in (("val", ""), ("test", "test_")):
+                if split in trainer.datamodule.texts:
+                    scores, _ = self.evaluate_bleu(hp.beam_size, split)
+                    metrics.update({prefix + name: value for name, value in scores.items()})
+                    results.append(f"{split} {scores['bleu']:.2f} cased, "
+                                   f"{scores['bleu_lc']:.2f} lowercase")
+        finally:
+            self.cpu()
         rank_zero_info(f"Final sacreBLEU (beam {hp.beam_size}, length penalty "
                        f"{hp.length_penalty}): {'; '.join(results)} ({bleu_signature()}); "
                        f"{time.perf_counter() - start:.0f} s of evaluation. scripts/translate.py: "
