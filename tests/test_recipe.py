@@ -354,9 +354,11 @@ def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_
 @pytest.mark.slow
 def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_one_change_each():
     merged = merged_translation_runs("translation_budget").get
-    config = merged("config")
+    config = merged("word_dropout_0.1")  # the config as it is, in the study's budget and cap
     assert config["max_time"] is not None and config["optimizer"] == "muon"  # the whole budget
-    before = {**config, "dropout": 0.1, "max_tokens": 3000, "label_smoothing": 0.1}
+    assert config["steps"] == 2400 and config["word_dropout"] == 0.1
+    before = {**config, "dropout": 0.1, "max_tokens": 3000, "label_smoothing": 0.1,
+              "word_dropout": 0.0}
     assert config != before and merged("before") == before
     assert merged("vocab_4000") == {**before, "vocab_size": 4000}
     assert merged("tokens_1500") == {**before, "max_tokens": config["max_tokens"]}
@@ -364,8 +366,17 @@ def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_
     both = {**before, "dropout": config["dropout"], "max_tokens": config["max_tokens"]}
     assert merged("dropout_0_tokens_1500") == both
     assert merged("dropout_0.05") == {**both, "dropout": 0.05}
-    # the config is both changes and label smoothing 0.2; the rest are one change from it
-    assert config == {**both, "label_smoothing": 0.2}
-    assert merged("label_smoothing_0.3") == {**config, "label_smoothing": 0.3}
+    # then label smoothing 0.2; the rest are one change from it, word dropout 0.1 the config's
+    smoothed = {**both, "label_smoothing": 0.2}
+    assert merged("label_smoothing_0.2") == smoothed
+    assert merged("label_smoothing_0.3") == {**smoothed, "label_smoothing": 0.3}
     for p in (0.1, 0.2):
-        assert merged(f"word_dropout_{p}") == {**config, "word_dropout": p}
+        assert merged(f"word_dropout_{p}") == {**smoothed, "word_dropout": p}
+
+
+def test_the_translation_steps_study_varies_the_cap_and_word_dropout_of_the_config():
+    merged = merged_translation_runs("translation_steps").get
+    config = merged("config")
+    assert config["max_time"] is not None and config["word_dropout"] == 0.1  # the config as it is
+    assert merged("steps_2400") == {**config, "steps": 2400, "word_dropout": 0.0}
+    assert merged("word_dropout_0.1_steps_6000") == {**config, "steps": 6000}
