@@ -380,3 +380,6 @@ def test_the_translation_steps_study_varies_the_cap_and_word_dropout_of_the_conf
     assert config["max_time"] is not None and config["word_dropout"] == 0.1  # the config as it is
     assert merged("steps_2400") == {**config, "steps": 2400, "word_dropout": 0.0}
     assert merged("word_dropout_0.1_steps_6000") == {**config, "steps": 6000}
+    by_steps = {**config, "steps": 2100, "max_time": None}
+    assert merged("word_dropout_0.1_steps_2100") == by_steps
+    assert merged("steps_2100") == {**by_steps, "word_dropout": 0.0}
