@@ -92,6 +92,14 @@ def test_this_cpu_is_described():
     assert info.bf16 == cpu_has_bf16() and info.name and "(" in info.name  # model name (capability)
 
 
+@pytest.mark.parametrize("capability, bf16", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_kernels_held_to_avx2_count_as_a_cpu_without_bf16(capability, bf16, monkeypatch):
+    """A bf16 CPU whose PyTorch runs AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) emulates bf16: fp32."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_has_bf16() is bf16
+
+
 def parse(*args: str):
     """train.py's CLI for these arguments, parsed and resolved but not run."""
     return train.make_cli(list(args), run=False)
