@@ -119,7 +119,8 @@ STUDIES = {
     # docs/translation.md: the config where the machine trains to its steps cap within the budget
     # (measured on a 2-core CPU with bf16): the cap and word dropout together; then word dropout
     # without a clock at the ~2,100 steps a CPU without bf16 trains in the budget, standing in
-    # for such a CPU (the clock ends the first three at about that step there)
+    # for such a CPU (the clock ends the first three at about that step there); run these two with
+    # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for its numerics too (docs/speed.md)
     "translation_steps": Study("configs/multi30k_de_en.yaml", {
         "steps_2400": [NO_WORD_DROPOUT, "--trainer.max_steps=2400"],
         "word_dropout_0.1_steps_6000": ["--trainer.max_steps=6000"],
