@@ -128,6 +128,19 @@ STUDIES = {
         "steps_2100": [*AVX2_STEPS, NO_WORD_DROPOUT],
         "word_dropout_0.1_steps_2100": AVX2_STEPS,
     }),
+    # docs/translation.md: the levers of the optimizer's schedule where the clock ends training near
+    # step 2,100 (a 2-core CPU without bf16), one change at a time from the config at those steps
+    # (translation_steps' word_dropout_0.1_steps_2100); run with ATEN_CPU_CAPABILITY=avx2
+    # ONEDNN_MAX_CPU_ISA=AVX2 for such a CPU's numerics (docs/speed.md)
+    "translation_2100": Study("configs/multi30k_de_en.yaml", {
+        "config": [],
+        "muon_lr_0.01": ["--model.muon_lr=0.01"],
+        "muon_lr_0.04": ["--model.muon_lr=0.04"],
+        # AdamW's (the embedding's) lr; min_lr with it, since the decay ends at lr * min_lr / lr for
+        # every group (Muon's too)
+        "lr_3e-3": ["--model.lr=3e-3", "--model.min_lr=2e-4"],
+        "warmup_100": ["--model.warmup_steps=100"],
+    }, flags=AVX2_STEPS),
 }
 
 

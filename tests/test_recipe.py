@@ -334,6 +334,7 @@ def essentials(config: dict) -> dict:
                for k in ("pos_emb", "qk_norm", "mlp", "dropout", "label_smoothing",
                          "word_dropout")},
             **{k: config["data"][k] for k in ("max_tokens", "vocab_size")},
+            **{k: config["model"][k] for k in ("lr", "min_lr", "muon_lr", "warmup_steps")},
             "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
 
 
@@ -342,7 +343,8 @@ def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_
     # 500 steps, with the dropout, batch size and label smoothing the config had when the table
     # was measured
     protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
-                "vocab_size": 8000, "label_smoothing": 0.1, "word_dropout": 0.0}
+                "vocab_size": 8000, "label_smoothing": 0.1, "word_dropout": 0.0,
+                "lr": 1.5e-3, "min_lr": 1e-4, "muon_lr": 0.02, "warmup_steps": 100}
     baseline = merged("baseline")
     assert baseline == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False, "mlp": "gelu",
                         **protocol}
@@ -383,3 +385,14 @@ def test_the_translation_steps_study_varies_the_cap_and_word_dropout_of_the_conf
     by_steps = {**config, "steps": 2100, "max_time": None}
     assert merged("word_dropout_0.1_steps_2100") == by_steps
     assert merged("steps_2100") == {**by_steps, "word_dropout": 0.0}
+
+
+def test_the_translation_2100_study_changes_one_optimizer_setting_of_the_config_at_2100_steps():
+    merged = merged_translation_runs("translation_2100").get
+    config = merged("config")
+    # the config as translation_steps runs it at the AVX2 CPU's steps: no clock, 2,100 steps
+    assert config == merged_translation_runs("translation_steps")["word_dropout_0.1_steps_2100"]
+    for muon_lr in (0.01, 0.04):
+        assert merged(f"muon_lr_{muon_lr}") == {**config, "muon_lr": muon_lr}
+    assert merged("lr_3e-3") == {**config, "lr": 3e-3, "min_lr": 2e-4}
+    assert merged("warmup_100") == {**config, "warmup_steps": 100}
