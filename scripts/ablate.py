@@ -58,6 +58,9 @@ NO_WORD_DROPOUT = "--model.config.word_dropout=0"
 SEQ2SEQ_BEFORE = [DROPOUT_BEFORE, BATCHES_BEFORE, SMOOTHING_BEFORE, NO_WORD_DROPOUT]
 # the steps a 2-core CPU without bf16 trains in the translation config's budget, as a schedule
 AVX2_STEPS = ["--trainer.max_time=null", "--trainer.max_steps=2100"]
+# AdamW's (the embedding's) lr doubled; min_lr with it, since the decay ends at lr * min_lr / lr for
+# every group (Muon's too)
+LR_3E_3 = ["--model.lr=3e-3", "--model.min_lr=2e-4"]
 
 STUDIES = {
     # docs/attention.md section 9.5: the attention options of today's models, alone and together
@@ -127,6 +130,9 @@ STUDIES = {
         "config": [],
         "steps_2100": [*AVX2_STEPS, NO_WORD_DROPOUT],
         "word_dropout_0.1_steps_2100": AVX2_STEPS,
+        # AdamW's lr doubled (translation_2100's lr_3e-3) where the steps cap ends training, for the
+        # schedule of the config's runs there: the cosine over the 4,000 steps, not the clock
+        "lr_3e-3_steps_4000": ["--trainer.max_time=null", *LR_3E_3],
     }),
     # docs/translation.md: the levers of the optimizer's schedule where the clock ends training near
     # step 2,100 (a 2-core CPU without bf16), one change at a time from the config at those steps
@@ -136,9 +142,8 @@ STUDIES = {
         "config": [],
         "muon_lr_0.01": ["--model.muon_lr=0.01"],
         "muon_lr_0.04": ["--model.muon_lr=0.04"],
-        # AdamW's (the embedding's) lr; min_lr with it, since the decay ends at lr * min_lr / lr for
-        # every group (Muon's too)
-        "lr_3e-3": ["--model.lr=3e-3", "--model.min_lr=2e-4"],
+        "lr_3e-3": LR_3E_3,
+        "lr_6e-3": ["--model.lr=6e-3", "--model.min_lr=4e-4"],
         "warmup_100": ["--model.warmup_steps=100"],
     }, flags=AVX2_STEPS),
 }

@@ -376,7 +376,7 @@ def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_
         assert merged(f"word_dropout_{p}") == {**smoothed, "word_dropout": p}
 
 
-def test_the_translation_steps_study_varies_the_cap_and_word_dropout_of_the_config():
+def test_the_translation_steps_study_varies_the_cap_word_dropout_and_lr_of_the_config():
     merged = merged_translation_runs("translation_steps").get
     config = merged("config")
     assert config["max_time"] is not None and config["word_dropout"] == 0.1  # the config as it is
@@ -385,6 +385,8 @@ def test_the_translation_steps_study_varies_the_cap_and_word_dropout_of_the_conf
     by_steps = {**config, "steps": 2100, "max_time": None}
     assert merged("word_dropout_0.1_steps_2100") == by_steps
     assert merged("steps_2100") == {**by_steps, "word_dropout": 0.0}
+    by_cap = {**config, "max_time": None, "lr": 3e-3, "min_lr": 2e-4}
+    assert merged("lr_3e-3_steps_4000") == by_cap
 
 
 def test_the_translation_2100_study_changes_one_optimizer_setting_of_the_config_at_2100_steps():
@@ -394,5 +396,7 @@ def test_the_translation_2100_study_changes_one_optimizer_setting_of_the_config_
     assert config == merged_translation_runs("translation_steps")["word_dropout_0.1_steps_2100"]
     for muon_lr in (0.01, 0.04):
         assert merged(f"muon_lr_{muon_lr}") == {**config, "muon_lr": muon_lr}
-    assert merged("lr_3e-3") == {**config, "lr": 3e-3, "min_lr": 2e-4}
+    # min_lr with lr: every group's lr decays to its peak * min_lr / lr
+    for name, lr, min_lr in (("lr_3e-3", 3e-3, 2e-4), ("lr_6e-3", 6e-3, 4e-4)):
+        assert merged(name) == {**config, "lr": lr, "min_lr": min_lr}
     assert merged("warmup_100") == {**config, "warmup_steps": 100}
