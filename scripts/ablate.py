@@ -58,9 +58,9 @@ NO_WORD_DROPOUT = "--model.config.word_dropout=0"
 SEQ2SEQ_BEFORE = [DROPOUT_BEFORE, BATCHES_BEFORE, SMOOTHING_BEFORE, NO_WORD_DROPOUT]
 # the steps a 2-core CPU without bf16 trains in the translation config's budget, as a schedule
 AVX2_STEPS = ["--trainer.max_time=null", "--trainer.max_steps=2100"]
-# AdamW's (the embedding's) lr doubled; min_lr with it, since the decay ends at lr * min_lr / lr for
-# every group (Muon's too)
-LR_3E_3 = ["--model.lr=3e-3", "--model.min_lr=2e-4"]
+# the translation config's AdamW lr (the embedding's) before it doubled to 3e-3; min_lr with it,
+# since every group's lr decays to its peak * min_lr / lr (Muon's too)
+LR_BEFORE = ["--model.lr=1.5e-3", "--model.min_lr=1e-4"]
 
 STUDIES = {
     # docs/attention.md section 9.5: the attention options of today's models, alone and together
@@ -97,7 +97,7 @@ STUDIES = {
         "muon": [],
         "rope_qk_norm": [*ADAMW_SEQ2SEQ, *model(pos_emb="rope", qk_norm=True)],
         "muon_rope_qk_norm_relu2": model(pos_emb="rope", qk_norm=True, mlp="relu2"),
-    }, flags=[*SEQ2SEQ_BEFORE, "--trainer.max_steps=500", "--trainer.max_time=null",
+    }, flags=[*SEQ2SEQ_BEFORE, *LR_BEFORE, "--trainer.max_steps=500", "--trainer.max_time=null",
               "--model.warmup_steps=100", "--trainer.val_check_interval=500",
               "--model.tune_length_penalty=null"]),
     # docs/translation.md: the whole budget of configs/multi30k_de_en.yaml (dev-tuned length
@@ -118,33 +118,33 @@ STUDIES = {
         "label_smoothing_0.3": ["--model.config.label_smoothing=0.3", NO_WORD_DROPOUT],
         "word_dropout_0.1": [],
         "word_dropout_0.2": ["--model.config.word_dropout=0.2"],
-    }, flags=["--trainer.max_time=00:00:26:30", "--trainer.max_steps=2400"]),
-    # docs/translation.md: the config where the machine trains to its steps cap within the budget
-    # (measured on a 2-core CPU with bf16): the cap and word dropout together; then word dropout
-    # without a clock at the ~2,100 steps a CPU without bf16 trains in the budget, standing in
-    # for such a CPU (the clock ends the first three at about that step there); run these two with
-    # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for its numerics too (docs/speed.md)
+    }, flags=["--trainer.max_time=00:00:26:30", "--trainer.max_steps=2400", *LR_BEFORE]),
+    # docs/translation.md: the config before its lr doubled, where the machine trains to its steps
+    # cap within the budget (measured on a 2-core CPU with bf16): the cap and word dropout together;
+    # then word dropout without a clock at the ~2,100 steps a CPU without bf16 trains in the budget,
+    # standing in for such a CPU (the clock ends the first three at about that step there); run
+    # those two with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for its numerics too
+    # (docs/speed.md). Last, the config as it is, with the schedule of the cap: the cosine over its
+    # 4,000 steps, not the clock (the same on a machine that the cap stops first)
     "translation_steps": Study("configs/multi30k_de_en.yaml", {
-        "steps_2400": [NO_WORD_DROPOUT, "--trainer.max_steps=2400"],
-        "word_dropout_0.1_steps_6000": ["--trainer.max_steps=6000"],
-        "config": [],
-        "steps_2100": [*AVX2_STEPS, NO_WORD_DROPOUT],
-        "word_dropout_0.1_steps_2100": AVX2_STEPS,
-        # AdamW's lr doubled (translation_2100's lr_3e-3) where the steps cap ends training, for the
-        # schedule of the config's runs there: the cosine over the 4,000 steps, not the clock
-        "lr_3e-3_steps_4000": ["--trainer.max_time=null", *LR_3E_3],
+        "steps_2400": [*LR_BEFORE, NO_WORD_DROPOUT, "--trainer.max_steps=2400"],
+        "word_dropout_0.1_steps_6000": [*LR_BEFORE, "--trainer.max_steps=6000"],
+        "word_dropout_0.1_steps_4000": LR_BEFORE,
+        "steps_2100": [*LR_BEFORE, *AVX2_STEPS, NO_WORD_DROPOUT],
+        "word_dropout_0.1_steps_2100": [*LR_BEFORE, *AVX2_STEPS],
+        "config_steps_4000": ["--trainer.max_time=null"],
     }),
-    # docs/translation.md: the levers of the optimizer's schedule where the clock ends training near
-    # step 2,100 (a 2-core CPU without bf16), one change at a time from the config at those steps
-    # (translation_steps' word_dropout_0.1_steps_2100); run with ATEN_CPU_CAPABILITY=avx2
-    # ONEDNN_MAX_CPU_ISA=AVX2 for such a CPU's numerics (docs/speed.md)
+    # docs/translation.md: the learning rates where the clock ends training near step 2,100 (a
+    # 2-core CPU without bf16), one change at a time from the config before its lr doubled, at
+    # those steps (translation_steps' word_dropout_0.1_steps_2100); lr_3e-3 is the config as it
+    # is. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for such a CPU's numerics
+    # (docs/speed.md)
     "translation_2100": Study("configs/multi30k_de_en.yaml", {
-        "config": [],
-        "muon_lr_0.01": ["--model.muon_lr=0.01"],
-        "muon_lr_0.04": ["--model.muon_lr=0.04"],
-        "lr_3e-3": LR_3E_3,
+        "lr_1.5e-3": LR_BEFORE,
+        "muon_lr_0.01": [*LR_BEFORE, "--model.muon_lr=0.01"],
+        "muon_lr_0.04": [*LR_BEFORE, "--model.muon_lr=0.04"],
+        "lr_3e-3": [],
         "lr_6e-3": ["--model.lr=6e-3", "--model.min_lr=4e-4"],
-        "warmup_100": ["--model.warmup_steps=100"],
     }, flags=AVX2_STEPS),
 }
 

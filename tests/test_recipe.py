@@ -356,9 +356,10 @@ def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_
 @pytest.mark.slow
 def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_one_change_each():
     merged = merged_translation_runs("translation_budget").get
-    config = merged("word_dropout_0.1")  # the config as it is, in the study's budget and cap
+    # the config before its lr doubled, in the study's budget and cap
+    config = merged("word_dropout_0.1")
     assert config["max_time"] is not None and config["optimizer"] == "muon"  # the whole budget
-    assert config["steps"] == 2400 and config["word_dropout"] == 0.1
+    assert config["steps"] == 2400 and config["word_dropout"] == 0.1 and config["lr"] == 1.5e-3
     before = {**config, "dropout": 0.1, "max_tokens": 3000, "label_smoothing": 0.1,
               "word_dropout": 0.0}
     assert config != before and merged("before") == before
@@ -378,25 +379,27 @@ def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_
 
 def test_the_translation_steps_study_varies_the_cap_word_dropout_and_lr_of_the_config():
     merged = merged_translation_runs("translation_steps").get
-    config = merged("config")
-    assert config["max_time"] is not None and config["word_dropout"] == 0.1  # the config as it is
-    assert merged("steps_2400") == {**config, "steps": 2400, "word_dropout": 0.0}
-    assert merged("word_dropout_0.1_steps_6000") == {**config, "steps": 6000}
-    by_steps = {**config, "steps": 2100, "max_time": None}
+    config = merged("config_steps_4000")  # the config as it is, the cosine over its steps cap
+    assert config["max_time"] is None and config["steps"] == 4000 and config["lr"] == 3e-3
+    # the rest: the config before its lr doubled, with its clock
+    before = {**config, "max_time": merged("word_dropout_0.1_steps_4000")["max_time"],
+              "lr": 1.5e-3, "min_lr": 1e-4}
+    assert before["max_time"] is not None and merged("word_dropout_0.1_steps_4000") == before
+    assert merged("steps_2400") == {**before, "steps": 2400, "word_dropout": 0.0}
+    assert merged("word_dropout_0.1_steps_6000") == {**before, "steps": 6000}
+    by_steps = {**before, "steps": 2100, "max_time": None}
     assert merged("word_dropout_0.1_steps_2100") == by_steps
     assert merged("steps_2100") == {**by_steps, "word_dropout": 0.0}
-    by_cap = {**config, "max_time": None, "lr": 3e-3, "min_lr": 2e-4}
-    assert merged("lr_3e-3_steps_4000") == by_cap
 
 
-def test_the_translation_2100_study_changes_one_optimizer_setting_of_the_config_at_2100_steps():
+def test_the_translation_2100_study_changes_one_learning_rate_of_the_config_before():
     merged = merged_translation_runs("translation_2100").get
-    config = merged("config")
-    # the config as translation_steps runs it at the AVX2 CPU's steps: no clock, 2,100 steps
-    assert config == merged_translation_runs("translation_steps")["word_dropout_0.1_steps_2100"]
+    before = merged("lr_1.5e-3")
+    # the config before its lr doubled, as translation_steps runs it at the AVX2 CPU's steps: no
+    # clock, 2,100 steps
+    assert before == merged_translation_runs("translation_steps")["word_dropout_0.1_steps_2100"]
     for muon_lr in (0.01, 0.04):
-        assert merged(f"muon_lr_{muon_lr}") == {**config, "muon_lr": muon_lr}
-    # min_lr with lr: every group's lr decays to its peak * min_lr / lr
+        assert merged(f"muon_lr_{muon_lr}") == {**before, "muon_lr": muon_lr}
+    # min_lr with lr: every group's lr decays to its peak * min_lr / lr. lr_3e-3 is the config's.
     for name, lr, min_lr in (("lr_3e-3", 3e-3, 2e-4), ("lr_6e-3", 6e-3, 4e-4)):
-        assert merged(name) == {**config, "lr": lr, "min_lr": min_lr}
-    assert merged("warmup_100") == {**config, "warmup_steps": 100}
+        assert merged(name) == {**before, "lr": lr, "min_lr": min_lr}
