@@ -4,6 +4,7 @@ loss."""
 
 import copy
 import csv
+import functools
 import itertools
 import logging
 import subprocess
@@ -311,6 +312,7 @@ def test_ablation_variants_resolve_from_the_runs_shape_and_unknown_ones_are_refu
         ablate.main(["recipe", "--variants", "baseline", "gqa"])
 
 
+@functools.cache  # a study's merge is read by more than one test; none changes it
 def merged_translation_runs(name: str) -> dict[str, dict]:
     """What train.py would run for each variant of a translation study (--print_config), the
     variants' commands started at once (each is a few seconds of Python start-up)."""
