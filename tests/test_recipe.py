@@ -334,7 +334,7 @@ def essentials(config: dict) -> dict:
     return {"optimizer": config["model"]["optimizer"],
             **{k: config["model"]["config"][k]
                for k in ("pos_emb", "qk_norm", "mlp", "dropout", "label_smoothing",
-                         "word_dropout")},
+                         "word_dropout", "n_encoder_layer", "n_decoder_layer")},
             **{k: config["data"][k] for k in ("max_tokens", "vocab_size")},
             **{k: config["model"][k] for k in ("lr", "min_lr", "muon_lr", "warmup_steps")},
             "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
@@ -346,7 +346,8 @@ def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_
     # was measured
     protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
                 "vocab_size": 8000, "label_smoothing": 0.1, "word_dropout": 0.0,
-                "lr": 1.5e-3, "min_lr": 1e-4, "muon_lr": 0.02, "warmup_steps": 100}
+                "lr": 1.5e-3, "min_lr": 1e-4, "muon_lr": 0.02, "warmup_steps": 100,
+                "n_encoder_layer": 3, "n_decoder_layer": 3}
     baseline = merged("baseline")
     assert baseline == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False, "mlp": "gelu",
                         **protocol}
@@ -405,3 +406,13 @@ def test_the_translation_2100_study_changes_one_learning_rate_of_the_config_befo
     # min_lr with lr: every group's lr decays to its peak * min_lr / lr. lr_3e-3 is the config's.
     for name, lr, min_lr in (("lr_3e-3", 3e-3, 2e-4), ("lr_6e-3", 6e-3, 4e-4)):
         assert merged(name) == {**before, "lr": lr, "min_lr": min_lr}
+
+
+def test_the_translation_levers_study_changes_one_setting_of_the_config_at_2100_steps():
+    merged = merged_translation_runs("translation_levers").get
+    config = merged("config")  # the config as it is, at the AVX2 CPU's steps: translation_2100's
+    assert config == merged_translation_runs("translation_2100")["lr_3e-3"]
+    for warmup in (100, 300):
+        assert merged(f"warmup_{warmup}") == {**config, "warmup_steps": warmup}
+    assert merged("min_lr_0") == {**config, "min_lr": 0.0}
+    assert merged("encoder_4_decoder_2") == {**config, "n_encoder_layer": 4, "n_decoder_layer": 2}
