@@ -128,3 +128,15 @@ def test_inference_scripts_import_neither_lightning_nor_train(script):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]", result.stdout[-3000:]
+
+
+def test_bench_train_refuses_a_translation_config_with_a_message_not_a_cli_traceback(capsys):
+    from scripts import bench_train
+
+    config = str(REPO / "configs" / "multi30k_de_en.yaml")
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--config", config])
+    assert "trains a seq2seq model; this script times the GPT's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--config", "configs/no_such.yaml"])
+    assert "no_such.yaml: no such file" in capsys.readouterr().err
