@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import lightning as L
 import torch
-import yaml
 
 from model.device import device_info
 from scripts._common import add_device_argument, exit_code, pick_device
-from train import make_cli
+from train import make_cli, model_kind
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true",
@@ -134,11 +133,11 @@ def parse_args(argv):
     args, args.train_flags = p.parse_known_args(argv)  # the rest goes to train.py's CLI
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
-    kind = (yaml.safe_load(Path(args.config).read_text()) or {}).get("kind", "gpt")
+    kind = model_kind(["--config", args.config, *args.train_flags])  # as train.py would read it
     if kind != "gpt":
-        p.error(f"--config {args.config} trains a {kind} model; this script times the GPT's "
-                "training only (a translation run logs its training time, val/train_time_s, at "
-                "every validation)")
+        p.error(f"the run trains a {kind} model (--config {args.config} or --kind); this "
+                "script times the GPT's training only (a translation run logs its training "
+                "time, val/train_time_s, at every validation)")
     for spec in args.variants:
         parts = spec.split(":")
         if len(parts) not in (2, 3) or parts[2:] not in ([], ["compile"]):

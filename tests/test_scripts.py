@@ -136,7 +136,11 @@ def test_bench_train_refuses_a_translation_config_with_a_message_not_a_cli_trace
     config = str(REPO / "configs" / "multi30k_de_en.yaml")
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--config", config])
-    assert "trains a seq2seq model; this script times the GPT's" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trains a seq2seq model (--config" in err and "this script times the GPT's" in err
+    with pytest.raises(SystemExit):  # the kind given as a flag for train.py, as train.py reads it
+        bench_train.parse_args(["--kind", "seq2seq"])
+    assert "trains a seq2seq model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--config", "configs/no_such.yaml"])
     assert "no_such.yaml: no such file" in capsys.readouterr().err
