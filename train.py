@@ -80,7 +80,7 @@ from model.device import (
 )
 from model.optim import CombinedOptimizer, Muon
 from model.translate import bleu, bleu_signature, translate, translate_alphas
-from scripts._common import exit_code
+from scripts._common import exit_code, keep_freed_memory
 
 # ------------------------------------------------------------------------------------------------
 # Optimization
@@ -200,6 +200,9 @@ class TrainModule(L.LightningModule):
         if hp.optimizer not in OPTIMIZERS:
             raise ValueError(f"--model.optimizer {hp.optimizer!r} is unknown; choose one of "
                              f"{list(OPTIMIZERS)}")
+        if hp.muon_ns_steps < 1:
+            raise ValueError(f"--model.muon_ns_steps must be 1 or more (Muon's Newton-Schulz "
+                             f"iterations; PyTorch's default is 5), got {hp.muon_ns_steps}")
         # fused: one kernel for all parameters (7x faster optimizer steps on CPU). Lightning refuses
         # to clip the gradients of a fused optimizer under mixed precision, so AMP runs take the
         # multi-tensor (foreach) one, which is not PyTorch's default on CPU (a loop over parameters)
@@ -214,7 +217,7 @@ class TrainModule(L.LightningModule):
             # without bf16 arithmetic: there they run in fp32 (model/optim.py)
             ns_dtype = torch.bfloat16 if device_info(self.device.type).bf16 else torch.float32
             muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum,
-                        weight_decay=hp.weight_decay, ns_dtype=ns_dtype)
+                        weight_decay=hp.weight_decay, ns_steps=hp.muon_ns_steps, ns_dtype=ns_dtype)
             # group names: the learning-rate monitor logs lr-CombinedOptimizer/{adamw,muon,...}
             for group, name in zip(optimizer.param_groups + muon.param_groups,
                                    ("adamw", "adamw_no_decay", "muon"), strict=True):
@@ -378,6 +381,8 @@ class GPTLightningModule(TrainModule):
             norms, biases).
         muon_lr: Muon's peak learning rate, on the same warmup and decay as ``lr``.
         muon_momentum: Muon's momentum (Nesterov).
+        muon_ns_steps: Muon's Newton-Schulz iterations (PyTorch's default: 5); each costs three
+            matrix products per weight matrix, a quarter of a CPU step at 5 (docs/translation.md).
         decay_embeddings: weight decay on the embeddings too (nanoGPT's choice; off by default).
         compile: compile the model with ``torch.compile`` (in place: checkpoint keys are unchanged).
         val_samples: samples generated at each validation (0: none), logged as text and, with
@@ -407,9 +412,9 @@ class GPTLightningModule(TrainModule):
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
-                 muon_momentum: float = 0.95, decay_embeddings: bool = False,
-                 compile: bool = False, val_samples: int = 2, val_sample_tokens: int = 200,
-                 init_from: str | None = None):
+                 muon_momentum: float = 0.95, muon_ns_steps: int = 5,
+                 decay_embeddings: bool = False, compile: bool = False, val_samples: int = 2,
+                 val_sample_tokens: int = 200, init_from: str | None = None):
         super().__init__(config)
         self._flops_shape = None
 
@@ -467,7 +472,7 @@ class Seq2SeqLightningModule(TrainModule):
     Args:
         config: the model's shape (``vocab_size`` and ``max_len`` come from the data).
         lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, betas, optimizer, muon_lr,
-            muon_momentum, decay_embeddings: as for GPTLightningModule.
+            muon_momentum, muon_ns_steps, decay_embeddings: as for GPTLightningModule.
         val_bleu: translate the validation set with greedy search at each validation and log
             sacreBLEU (``val/bleu``, ``val/bleu_lc``), with a few examples.
         beam_size: beam for the BLEU at the end of training (``final/bleu``).
@@ -488,9 +493,9 @@ class Seq2SeqLightningModule(TrainModule):
                  min_lr: float = 1e-4, warmup_steps: int = 400, lr_decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
-                 muon_momentum: float = 0.95, decay_embeddings: bool = False,
-                 val_bleu: bool = True, beam_size: int = 4, length_penalty: float = 0.6,
-                 tune_length_penalty: list[float] | None = None):
+                 muon_momentum: float = 0.95, muon_ns_steps: int = 5,
+                 decay_embeddings: bool = False, val_bleu: bool = True, beam_size: int = 4,
+                 length_penalty: float = 0.6, tune_length_penalty: list[float] | None = None):
         super().__init__(config)
 
     def setup(self, stage: str):
@@ -1263,6 +1268,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> CLI:
     module and Trainer without training (``args`` then has no ``fit``), as scripts/bench_train.py
     does."""
     kind = KINDS[model_kind(sys.argv[1:] if args is None else args)]
+    keep_freed_memory()  # big CPU tensors reused, not paged in at every step (scripts/_common.py)
     return CLI(kind.module, kind.data, trainer_class=Trainer, seed_everything_default=1337, run=run,
                trainer_defaults=TRAINER_DEFAULTS, args=args, save_config_callback=SaveRunConfig,
                save_config_kwargs={"save_to_log_dir": False},

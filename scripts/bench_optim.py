@@ -6,6 +6,8 @@ and why train.py runs the iterations in fp32 on a CPU without bf16.
     python scripts/bench_optim.py                               # the CPU recipe's shape
     python scripts/bench_optim.py --n-layer 6 --n-embd 384 --n-head 6 --batch 64 --block 256 \\
         --device cuda
+    python scripts/bench_optim.py --seq2seq --n-layer 3 --n-embd 256 --vocab 8000 --batch 60 \\
+        --block 25 --ns-steps 5 3            # configs/multi30k_de_en.yaml's shape and batches
 
 Prints a markdown table and the machine it ran on. The Newton-Schulz work is per matrix, whatever
 the batch: its share of a step shrinks as the batch grows.
@@ -20,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer
 from model.device import device_info
 from model.optim import CombinedOptimizer, Muon
-from scripts._common import add_device_argument, exit_code, pick_device
+from scripts._common import UsageError, add_device_argument, exit_code, pick_device
 from train import hidden_matrices, param_groups
 
 
@@ -44,18 +46,21 @@ def timed(step, device: str, repeats: int) -> float:
     return best
 
 
-def optimizers(model: GPT, device: str) -> dict[str, torch.optim.Optimizer]:
+def optimizers(model: torch.nn.Module, device: str, ns_steps: list[int]
+               ) -> dict[str, torch.optim.Optimizer]:
     fused = device in ("cpu", "cuda")
     hidden = hidden_matrices(model)
 
     def adamw(exclude=()):
         return torch.optim.AdamW(param_groups(model, 0.1, exclude=exclude), lr=1e-3, fused=fused)
 
-    return {"AdamW (fused), every parameter": adamw(),
-            "Muon, Newton-Schulz in fp32, + AdamW": CombinedOptimizer(
-                adamw(hidden), Muon(hidden, lr=0.02, ns_dtype=torch.float32)),
-            "Muon, Newton-Schulz in bf16 (PyTorch's), + AdamW": CombinedOptimizer(
-                adamw(hidden), Muon(hidden, lr=0.02, ns_dtype=torch.bfloat16))}
+    found = {"AdamW (fused), every parameter": adamw()}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16 (PyTorch's)")):
+        for steps in ns_steps:
+            found[f"Muon, {steps} Newton-Schulz iterations in {name}, + AdamW"] = \
+                CombinedOptimizer(adamw(hidden),
+                                  Muon(hidden, lr=0.02, ns_steps=steps, ns_dtype=dtype))
+    return found
 
 
 def main(argv=None):
@@ -68,29 +73,48 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seq2seq", action="store_true",
+                   help="the translation model instead of a GPT: --n-layer encoder and as many "
+                        "decoder blocks, MLP 2 x --n-embd wide (the translation config's), "
+                        "--batch pairs of --block tokens a side")
+    p.add_argument("--ns-steps", type=int, nargs="+", default=[5],
+                   help="Muon's Newton-Schulz iterations, a row for each (default: 5, PyTorch's)")
     add_device_argument(p)
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, bias=False)
-    model = GPT(config).to(device)
+    if min(args.ns_steps) < 1:
+        raise UsageError(f"--ns-steps must be 1 or more, got {args.ns_steps}")
     idx = torch.randint(0, args.vocab, (args.batch, args.block), device=device)
+    if args.seq2seq:
+        config = Seq2SeqConfig(vocab_size=args.vocab, max_len=args.block,
+                               n_encoder_layer=args.n_layer, n_decoder_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd, mlp_hidden=2 * args.n_embd,
+                               dropout=0.0)
+        model = Seq2SeqTransformer(config).to(device)
+    else:
+        config = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, bias=False)
+        model = GPT(config).to(device)
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        model(idx, idx)[1].backward()
+        # a GPT reads idx and predicts it; the translation model reads it on both sides
+        loss = model(idx, idx, idx)[1] if args.seq2seq else model(idx, idx)[1]
+        loss.backward()
 
     pass_ms = timed(forward_backward, device, args.repeats)  # leaves gradients for the steps
     rows = [("forward + backward", pass_ms, "")]
-    for name, optimizer in optimizers(model, device).items():
+    for name, optimizer in optimizers(model, device, args.ns_steps).items():
         ms = timed(optimizer.step, device, args.repeats)
         rows.append((name, ms, f"{100 * ms / (pass_ms + ms):.0f}%"))
     matrices = len(hidden_matrices(model))
-    print(f"{args.n_layer} layers x {args.n_embd} dims ({matrices} block matrices for Muon), batch "
-          f"{args.batch} x {args.block} tokens, on {device_info(device).describe()}, "
+    layers = f"{args.n_layer} + {args.n_layer}" if args.seq2seq else f"{args.n_layer}"
+    print(f"{type(model).__name__}, {layers} layers x {args.n_embd} dims ({matrices} block "
+          f"matrices for Muon), batch {args.batch} x {args.block} tokens"
+          f"{' a side' if args.seq2seq else ''}, on {device_info(device).describe()}, "
           f"{torch.get_num_threads()} threads\n")
     print("| what | ms | share of a training step |\n| --- | --- | --- |")
     for name, ms, share in rows:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, fit, run_folders
+from conftest import REPO, fit, run_folders, tiny_run
 from torch import nn
 
 from model import GPT, GPTConfig
@@ -259,6 +259,18 @@ def test_a_recipe_run_learns_saves_and_its_checkpoint_loads(text_file, tmp_path)
     with torch.no_grad():  # a loaded model computes the loss the run validated with
         idx = torch.tensor([tokenizer.encode(text_file.read_text()[:17])])
         assert model(idx[:, :-1], idx[:, 1:])[1].item() < val[0]
+
+
+def test_muon_ns_steps_reaches_the_optimizer_and_zero_is_refused(text_file, tmp_path, capsys):
+    fit(text_file, tmp_path / "a", "--model.optimizer", "muon", "--model.muon_ns_steps", "3",
+        "--trainer.max_steps", "3")
+    folder, = run_folders(tmp_path / "a")
+    saved = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    adamw, muon = saved["optimizer_states"][0]["optimizers"]
+    assert [g["ns_steps"] for g in muon["param_groups"]] == [3]
+    assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
+                        "--model.muon_ns_steps", "0")) == 1
+    assert "--model.muon_ns_steps must be 1 or more" in capsys.readouterr().err
 
 
 def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caplog):
