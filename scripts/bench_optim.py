@@ -9,7 +9,9 @@ and why train.py runs the iterations in fp32 on a CPU without bf16.
     python scripts/bench_optim.py --seq2seq --n-layer 3 --n-embd 256 --vocab 8000 --batch 60 \\
         --block 25 --ns-steps 5 3            # configs/multi30k_de_en.yaml's shape and batches
 
-Prints a markdown table and the machine it ran on. The Newton-Schulz work is per matrix, whatever
+Prints a markdown table and the machine it ran on. Big CPU tensors are kept for reuse, as train.py
+keeps them (scripts/_common.py: keep_freed_memory); ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
+environment times glibc's default instead. The Newton-Schulz work is per matrix, whatever
 the batch: its share of a step shrinks as the batch grows.
 """
 
@@ -25,7 +27,13 @@ import torch
 from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer
 from model.device import device_info
 from model.optim import CombinedOptimizer, Muon
-from scripts._common import UsageError, add_device_argument, exit_code, pick_device
+from scripts._common import (
+    UsageError,
+    add_device_argument,
+    exit_code,
+    keep_freed_memory,
+    pick_device,
+)
 from train import hidden_matrices, param_groups
 
 
@@ -82,6 +90,7 @@ def main(argv=None):
     add_device_argument(p)
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    keep_freed_memory()  # as train.py: big tensors reused between steps, not paged in each time
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
