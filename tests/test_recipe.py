@@ -346,9 +346,10 @@ def essentials(config: dict) -> dict:
     return {"optimizer": config["model"]["optimizer"],
             **{k: config["model"]["config"][k]
                for k in ("pos_emb", "qk_norm", "mlp", "dropout", "label_smoothing",
-                         "word_dropout", "n_encoder_layer", "n_decoder_layer")},
+                         "word_dropout", "n_encoder_layer", "n_decoder_layer", "n_head")},
             **{k: config["data"][k] for k in ("max_tokens", "vocab_size")},
-            **{k: config["model"][k] for k in ("lr", "min_lr", "muon_lr", "warmup_steps")},
+            **{k: config["model"][k] for k in ("lr", "min_lr", "muon_lr", "muon_ns_steps",
+                                               "warmup_steps", "weight_decay")},
             "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
 
 
@@ -359,7 +360,8 @@ def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_
     protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
                 "vocab_size": 8000, "label_smoothing": 0.1, "word_dropout": 0.0,
                 "lr": 1.5e-3, "min_lr": 1e-4, "muon_lr": 0.02, "warmup_steps": 100,
-                "n_encoder_layer": 3, "n_decoder_layer": 3}
+                "n_encoder_layer": 3, "n_decoder_layer": 3, "n_head": 4, "muon_ns_steps": 5,
+                "weight_decay": 0.1}
     baseline = merged("baseline")
     assert baseline == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False, "mlp": "gelu",
                         **protocol}
@@ -428,3 +430,12 @@ def test_the_translation_levers_study_changes_one_setting_of_the_config_at_2100_
         assert merged(f"warmup_{warmup}") == {**config, "warmup_steps": warmup}
     assert merged("min_lr_0") == {**config, "min_lr": 0.0}
     assert merged("encoder_4_decoder_2") == {**config, "n_encoder_layer": 4, "n_decoder_layer": 2}
+
+
+def test_the_2400_step_study_changes_one_setting_of_the_config_at_the_steps_of_its_time():
+    merged = merged_translation_runs("translation_2400").get
+    config = merged("config")  # the config as it is, at 2,400 steps instead of 2,100
+    assert config == {**merged_translation_runs("translation_levers")["config"], "steps": 2400}
+    assert merged("muon_ns_steps_3") == {**config, "muon_ns_steps": 3, "steps": 2700}
+    assert merged("weight_decay_0") == {**config, "weight_decay": 0.0}
+    assert merged("n_head_8") == {**config, "n_head": 8}
