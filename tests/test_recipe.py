@@ -437,5 +437,6 @@ def test_the_2400_step_study_changes_one_setting_of_the_config_at_the_steps_of_i
     config = merged("config")  # the config as it is, at 2,400 steps instead of 2,100
     assert config == {**merged_translation_runs("translation_levers")["config"], "steps": 2400}
     assert merged("muon_ns_steps_3") == {**config, "muon_ns_steps": 3, "steps": 2700}
-    assert merged("weight_decay_0") == {**config, "weight_decay": 0.0}
+    for weight_decay in (0.0, 0.2):
+        assert merged(f"weight_decay_{weight_decay:g}") == {**config, "weight_decay": weight_decay}
     assert merged("n_head_8") == {**config, "n_head": 8}
