@@ -63,10 +63,11 @@ def keep_freed_memory() -> bool:
     glibc serves a request above its mmap threshold (32 MiB at most) with fresh pages from the
     kernel and unmaps them when the tensor is freed, so a tensor that size made at every step,
     like a translation batch's (1,500 tokens, 8,000) logits (48 MB) and their gradients, is
-    paged in again at every step, the kernel zeroing it 4 KiB at a time. Measured on a 2-core
-    EPYC with AVX2 kernels: the label-smoothed cross-entropy of those logits, forward and
-    backward, 64 ms -> 14 ms; a whole training step of configs/multi30k_de_en.yaml 566 -> 506 ms
-    (docs/speed.md). The cost: the process keeps its peak memory until it exits.
+    paged in again at every step, the kernel zeroing it 4 KiB at a time. Measured on the 2-core
+    Zen 5 EPYC with AVX2 kernels forced (fp32, as on a CPU without bf16): the label-smoothed
+    cross-entropy of those logits, forward and backward, 64 ms -> 14 ms; a whole training step of
+    configs/multi30k_de_en.yaml 586 -> 491 and 486 ms (docs/speed.md). The cost: the process
+    keeps its peak memory until it exits.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

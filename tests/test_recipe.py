@@ -266,7 +266,7 @@ def test_muon_ns_steps_reaches_the_optimizer_and_zero_is_refused(text_file, tmp_
         "--trainer.max_steps", "3")
     folder, = run_folders(tmp_path / "a")
     saved = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
-    adamw, muon = saved["optimizer_states"][0]["optimizers"]
+    _, muon = saved["optimizer_states"][0]["optimizers"]  # AdamW's state, then Muon's
     assert [g["ns_steps"] for g in muon["param_groups"]] == [3]
     assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
                         "--model.muon_ns_steps", "0")) == 1

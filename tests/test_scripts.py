@@ -147,7 +147,6 @@ def test_bench_train_refuses_a_translation_config_with_a_message_not_a_cli_trace
     assert "no_such.yaml: no such file" in capsys.readouterr().err
 
 
-
 def test_bench_optim_times_the_translation_model_at_each_count_of_iterations(capsys):
     from scripts import bench_optim
 
@@ -160,6 +159,7 @@ def test_bench_optim_times_the_translation_model_at_each_count_of_iterations(cap
         assert f"| Muon, {steps} Newton-Schulz iterations in fp32, + AdamW |" in out
     with pytest.raises(ValueError, match="--ns-steps must be 1 or more"):
         bench_optim.main([*args, "--ns-steps", "0"])
+
 
 # whether a 64 MiB tensor (past glibc's 32 MiB mmap threshold) is mapped from the kernel, before and
 # after keep_freed_memory(): mallinfo2().hblkhd counts the bytes malloc holds in mmapped blocks
@@ -184,11 +184,12 @@ print(mmapped(), keep_freed_memory(), mmapped())
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc's malloc only")
+                    reason="keep_freed_memory tunes glibc's malloc; other C libraries are left as "
+                           "they are")
 def test_keep_freed_memory_serves_big_tensors_from_the_heap_unless_the_user_set_malloc():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
 
-    def run(**extra) -> str:
+    def run(**extra) -> list[str]:
         return subprocess.run([sys.executable, "-c", MMAPPED_TENSOR], cwd=REPO, check=True,
                               capture_output=True, text=True, env=env | extra).stdout.split()
 
