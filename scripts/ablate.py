@@ -65,6 +65,9 @@ AVX2_STEPS_KEPT = ["--trainer.max_steps=2400"]
 # the translation config's AdamW lr (the embedding's) before it doubled to 3e-3; min_lr with it,
 # since every group's lr decays to its peak * min_lr / lr (Muon's too)
 LR_BEFORE = ["--model.lr=1.5e-3", "--model.min_lr=1e-4"]
+# the translation config's weight decay before it went from 0.1 to 0.2 (translation_2400): every
+# earlier translation study ran with 0.1, so "the config" in their comments is the config with it
+WEIGHT_DECAY_BEFORE = "--model.weight_decay=0.1"
 
 STUDIES = {
     # docs/attention.md section 9.5: the attention options of today's models, alone and together
@@ -101,8 +104,8 @@ STUDIES = {
         "muon": [],
         "rope_qk_norm": [*ADAMW_SEQ2SEQ, *model(pos_emb="rope", qk_norm=True)],
         "muon_rope_qk_norm_relu2": model(pos_emb="rope", qk_norm=True, mlp="relu2"),
-    }, flags=[*SEQ2SEQ_BEFORE, *LR_BEFORE, "--trainer.max_steps=500", "--trainer.max_time=null",
-              "--model.warmup_steps=100", "--trainer.val_check_interval=500",
+    }, flags=[*SEQ2SEQ_BEFORE, *LR_BEFORE, WEIGHT_DECAY_BEFORE, "--trainer.max_steps=500",
+              "--trainer.max_time=null", "--model.warmup_steps=100", "--trainer.val_check_interval=500",
               "--model.tune_length_penalty=null"]),
     # docs/translation.md: the whole budget of configs/multi30k_de_en.yaml (dev-tuned length
     # penalty, beam 4 on val at the end) on a 2-core CPU without bf16, from the config before
@@ -122,7 +125,8 @@ STUDIES = {
         "label_smoothing_0.3": ["--model.config.label_smoothing=0.3", NO_WORD_DROPOUT],
         "word_dropout_0.1": [],
         "word_dropout_0.2": ["--model.config.word_dropout=0.2"],
-    }, flags=["--trainer.max_time=00:00:26:30", "--trainer.max_steps=2400", *LR_BEFORE]),
+    }, flags=["--trainer.max_time=00:00:26:30", "--trainer.max_steps=2400", *LR_BEFORE,
+              WEIGHT_DECAY_BEFORE]),
     # docs/translation.md: the config before its lr doubled, where the machine trains to its steps
     # cap within the budget (measured on a 2-core CPU with bf16): the cap and word dropout together;
     # then word dropout without a clock at the ~2,100 steps a CPU without bf16 trains in the budget,
@@ -137,7 +141,7 @@ STUDIES = {
         "steps_2100": [*LR_BEFORE, *AVX2_STEPS, NO_WORD_DROPOUT],
         "word_dropout_0.1_steps_2100": [*LR_BEFORE, *AVX2_STEPS],
         "config_steps_4000": ["--trainer.max_time=null"],
-    }),
+    }, flags=[WEIGHT_DECAY_BEFORE]),
     # docs/translation.md: the learning rates where the clock ends training near step 2,100 (a
     # 2-core CPU without bf16), one change at a time from the config before its lr doubled, at
     # those steps (translation_steps' word_dropout_0.1_steps_2100); lr_3e-3 is the config as it
@@ -149,7 +153,7 @@ STUDIES = {
         "muon_lr_0.04": [*LR_BEFORE, "--model.muon_lr=0.04"],
         "lr_3e-3": [],
         "lr_6e-3": ["--model.lr=6e-3", "--model.min_lr=4e-4"],
-    }, flags=AVX2_STEPS),
+    }, flags=[*AVX2_STEPS, WEIGHT_DECAY_BEFORE]),
     # docs/translation.md: the levers left after the learning rates, one at a time from the config
     # as it is (translation_2100's lr_3e-3, its baseline), at the same ~2,100 steps; run them with
     # the same environment variables for the numerics of a CPU without bf16
@@ -159,18 +163,21 @@ STUDIES = {
         "warmup_300": ["--model.warmup_steps=300"],
         "min_lr_0": ["--model.min_lr=0"],
         "encoder_4_decoder_2": model(n_encoder_layer=4, n_decoder_layer=2),
-    }, flags=AVX2_STEPS),
+    }, flags=[*AVX2_STEPS, WEIGHT_DECAY_BEFORE]),
     # docs/translation.md: once train.py kept big freed tensors for reuse (scripts/_common.py), a
     # step of a CPU without bf16 took ~14% less time, so its budget holds ~2,400 steps (estimated
-    # from the step times, not run with the clock); at those steps, the config as it is, then
-    # Muon with 3 Newton-Schulz iterations instead of 5 at the ~2,700 steps that buys, and changes
-    # that cost no time. Run with the same environment variables
+    # from the step times, not run with the clock); at those steps, the config then (weight decay
+    # 0.1), Muon with 3 Newton-Schulz iterations instead of 5 at the ~2,700 steps that buys, and
+    # changes that cost no time: weight decay 0.2 won, the config as it is now; last, 8 heads on
+    # top of it. Run with the same environment variables
     "translation_2400": Study("configs/multi30k_de_en.yaml", {
-        "config": AVX2_STEPS_KEPT,
-        "muon_ns_steps_3": ["--model.muon_ns_steps=3", "--trainer.max_steps=2700"],
+        "weight_decay_0.1": [WEIGHT_DECAY_BEFORE, *AVX2_STEPS_KEPT],
+        "muon_ns_steps_3": [WEIGHT_DECAY_BEFORE, "--model.muon_ns_steps=3",
+                            "--trainer.max_steps=2700"],
         "weight_decay_0": ["--model.weight_decay=0", *AVX2_STEPS_KEPT],
-        "weight_decay_0.2": ["--model.weight_decay=0.2", *AVX2_STEPS_KEPT],
-        "n_head_8": [*model(n_head=8), *AVX2_STEPS_KEPT],
+        "weight_decay_0.2": AVX2_STEPS_KEPT,  # the config as it is
+        "n_head_8": [WEIGHT_DECAY_BEFORE, *model(n_head=8), *AVX2_STEPS_KEPT],
+        "n_head_8_weight_decay_0.2": [*model(n_head=8), *AVX2_STEPS_KEPT],
     }, flags=["--trainer.max_time=null"]),
 }
 

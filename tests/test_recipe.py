@@ -434,9 +434,12 @@ def test_the_translation_levers_study_changes_one_setting_of_the_config_at_2100_
 
 def test_the_2400_step_study_changes_one_setting_of_the_config_at_the_steps_of_its_time():
     merged = merged_translation_runs("translation_2400").get
-    config = merged("config")  # the config as it is, at 2,400 steps instead of 2,100
-    assert config == {**merged_translation_runs("translation_levers")["config"], "steps": 2400}
-    assert merged("muon_ns_steps_3") == {**config, "muon_ns_steps": 3, "steps": 2700}
-    for weight_decay in (0.0, 0.2):
-        assert merged(f"weight_decay_{weight_decay:g}") == {**config, "weight_decay": weight_decay}
-    assert merged("n_head_8") == {**config, "n_head": 8}
+    before = merged("weight_decay_0.1")  # the config then, at 2,400 steps instead of 2,100
+    assert before == {**merged_translation_runs("translation_levers")["config"], "steps": 2400}
+    assert merged("muon_ns_steps_3") == {**before, "muon_ns_steps": 3, "steps": 2700}
+    assert merged("weight_decay_0") == {**before, "weight_decay": 0.0}
+    assert merged("n_head_8") == {**before, "n_head": 8}
+    # the change that won is the config as it is now; 8 heads the last on top of it
+    config = merged("weight_decay_0.2")
+    assert config == {**before, "weight_decay": 0.2}
+    assert merged("n_head_8_weight_decay_0.2") == {**config, "n_head": 8}
