@@ -105,8 +105,8 @@ STUDIES = {
         "rope_qk_norm": [*ADAMW_SEQ2SEQ, *model(pos_emb="rope", qk_norm=True)],
         "muon_rope_qk_norm_relu2": model(pos_emb="rope", qk_norm=True, mlp="relu2"),
     }, flags=[*SEQ2SEQ_BEFORE, *LR_BEFORE, WEIGHT_DECAY_BEFORE, "--trainer.max_steps=500",
-              "--trainer.max_time=null", "--model.warmup_steps=100", "--trainer.val_check_interval=500",
-              "--model.tune_length_penalty=null"]),
+              "--trainer.max_time=null", "--model.warmup_steps=100",
+              "--trainer.val_check_interval=500", "--model.tune_length_penalty=null"]),
     # docs/translation.md: the whole budget of configs/multi30k_de_en.yaml (dev-tuned length
     # penalty, beam 4 on val at the end) on a 2-core CPU without bf16, from the config before
     # dropout 0, 1,500-token batches and label smoothing 0.2 to label smoothing 0.2, one change at
