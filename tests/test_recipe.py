@@ -443,3 +443,11 @@ def test_the_2400_step_study_changes_one_setting_of_the_config_at_the_steps_of_i
     config = merged("weight_decay_0.2")
     assert config == {**before, "weight_decay": 0.2}
     assert merged("n_head_8_weight_decay_0.2") == {**config, "n_head": 8}
+    assert merged("weight_decay_0.3") == {**config, "weight_decay": 0.3}
+
+
+def test_the_fewer_steps_study_runs_the_config_with_a_shorter_schedule():
+    merged = merged_translation_runs("translation_fewer_steps").get
+    config = merged_translation_runs("translation_2400")["weight_decay_0.2"]  # the config
+    for steps in (1850, 2100):  # its cosine over these steps, no clock
+        assert merged(f"steps_{steps}") == {**config, "steps": steps}
