@@ -8,6 +8,7 @@ and why train.py runs the iterations in fp32 on a CPU without bf16.
         --device cuda
     python scripts/bench_optim.py --seq2seq --n-layer 3 --n-embd 256 --vocab 8000 --batch 60 \\
         --block 25 --ns-steps 5 3            # configs/multi30k_de_en.yaml's shape and batches
+    python scripts/bench_optim.py --seq2seq ... --compile   # and the pass compiled: would it pay?
 
 Prints a markdown table and the machine it ran on. Big CPU tensors are kept for reuse, as train.py
 keeps them (scripts/_common.py: keep_freed_memory); ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
@@ -87,6 +88,9 @@ def main(argv=None):
                         "--batch pairs of --block tokens a side")
     p.add_argument("--ns-steps", type=int, nargs="+", default=[5],
                    help="Muon's Newton-Schulz iterations, a row for each (default: 5, PyTorch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the forward and backward pass of the model compiled with "
+                        "torch.compile, and how long compiling took")
     add_device_argument(p)
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -108,14 +112,22 @@ def main(argv=None):
                            n_head=args.n_head, n_embd=args.n_embd, bias=False)
         model = GPT(config).to(device)
 
-    def forward_backward():
+    def forward_backward(module: torch.nn.Module = model):
         model.zero_grad(set_to_none=True)
         # a GPT reads idx and predicts it; the translation model reads it on both sides
-        loss = model(idx, idx, idx)[1] if args.seq2seq else model(idx, idx)[1]
+        loss = module(idx, idx, idx)[1] if args.seq2seq else module(idx, idx)[1]
         loss.backward()
 
+    rows = []
+    if args.compile:  # the same weights behind a compiled forward: its first call compiles
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        forward_backward(compiled)
+        seconds = time.perf_counter() - start
+        ms = timed(lambda: forward_backward(compiled), device, args.repeats)
+        rows.append((f"forward + backward, compiled (compiling: {seconds:.0f} s)", ms, ""))
     pass_ms = timed(forward_backward, device, args.repeats)  # leaves gradients for the steps
-    rows = [("forward + backward", pass_ms, "")]
+    rows.insert(0, ("forward + backward", pass_ms, ""))
     for name, optimizer in optimizers(model, device, args.ns_steps).items():
         ms = timed(optimizer.step, device, args.repeats)
         rows.append((name, ms, f"{100 * ms / (pass_ms + ms):.0f}%"))

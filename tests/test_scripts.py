@@ -161,6 +161,18 @@ def test_bench_optim_times_the_translation_model_at_each_count_of_iterations(cap
         bench_optim.main([*args, "--ns-steps", "0"])
 
 
+@pytest.mark.slow
+def test_bench_optim_times_the_compiled_pass_beside_the_eager_one(capsys):
+    from scripts import bench_optim
+
+    bench_optim.main(["--seq2seq", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--vocab",
+                      "40", "--batch", "2", "--block", "6", "--repeats", "1", "--threads", "1",
+                      "--device", "cpu", "--compile"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| forward")]
+    assert rows[0].startswith("| forward + backward | ")
+    assert rows[1].startswith("| forward + backward, compiled (compiling: ")
+
+
 # whether a 64 MiB tensor (past glibc's 32 MiB mmap threshold) is mapped from the kernel, before and
 # after keep_freed_memory(): mallinfo2().hblkhd counts the bytes malloc holds in mmapped blocks
 MMAPPED_TENSOR = """
