@@ -182,7 +182,7 @@ STUDIES = {
     }, flags=["--trainer.max_time=null"]),
     # docs/translation.md: the config at fewer steps than the ~2,400 of the AVX2 CPU's budget:
     # what a slower CPU without bf16 scores (a stand-in slower than that CPU trained ~1,850 with
-    # its clock). Run with the same environment variables
+    # its clock). Run with the same environment variables as translation_2400.
     "translation_fewer_steps": Study("configs/multi30k_de_en.yaml", {
         "steps_1850": ["--trainer.max_steps=1850"],
         "steps_2100": ["--trainer.max_steps=2100"],
