@@ -1,7 +1,8 @@
 """Loading the checkpoints that train.py writes, with torch alone: no Lightning, no training code.
 
 A checkpoint is one file written by ``torch.save`` (Lightning's ``Trainer.save_checkpoint``, with
-what ``train.TrainModule.on_save_checkpoint`` adds). Inference reads these entries and nothing else:
+what ``train.TrainModule`` and ``training.run_state.RunState`` add). Inference reads these entries
+and nothing else:
 
 * ``model_kind``: ``"gpt"`` or ``"seq2seq"`` (missing in early checkpoints: ``"gpt"``), the key of
   ``MODELS`` below;

@@ -1,5 +1,5 @@
-"""Optimizers the training module builds (train.py): Muon for the hidden weight matrices, AdamW for
-the rest, stepped together as one optimizer.
+"""The optimizers training builds (``build_optimizer``): AdamW for every parameter, or Muon for the
+hidden weight matrices and AdamW for the rest, stepped together as one optimizer.
 
 Muon (Keller Jordan, 2024) keeps SGD momentum per matrix, and before stepping replaces the momentum
 M = U S V^T by something close to U V^T: the same directions, every singular value about 1. Rare
@@ -15,10 +15,15 @@ update and the same state, so checkpoints move between machines.
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from .block import Block
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def orthogonalize(G: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -119,3 +124,53 @@ class CombinedOptimizer(Optimizer):
             optimizer.load_state_dict(state)
         # load_state_dict replaced each optimizer's group dicts: share the new ones
         self.param_groups = [group for o in self.optimizers for group in o.param_groups]
+
+
+def hidden_matrices(module: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices inside the transformer blocks (attention and MLP projections): Muon's.
+    Not the embeddings and the LM head, which map tokens, not features."""
+    in_blocks = {id(m.weight) for block in module.modules() if isinstance(block, Block)
+                 for m in block.modules() if isinstance(m, nn.Linear)}
+    return [p for p in module.parameters() if id(p) in in_blocks]
+
+
+def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 exclude: Sequence[nn.Parameter] = ()) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, not on biases, norms or embeddings
+    (``decay_embeddings``: on embeddings too, as nanoGPT does). ``exclude``: parameters another
+    optimizer trains."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    excluded = {id(p) for p in exclude}
+    params = [p for p in module.parameters() if id(p) not in excluded]  # tied weights appear once
+    decays = [p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) for p in params]
+    return [{"params": [p for p, d in zip(params, decays, strict=True) if d],
+             "weight_decay": weight_decay},
+            {"params": [p for p, d in zip(params, decays, strict=True) if not d],
+             "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, optimizer: str, *, lr: float, betas: Sequence[float],
+                    weight_decay: float, decay_embeddings: bool = False, muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95, muon_ns_steps: int = 5,
+                    ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False) -> Optimizer:
+    """``adamw``: AdamW for every parameter (``param_groups``). ``muon``: Muon for the blocks'
+    weight matrices (``hidden_matrices``), its Newton-Schulz iterations in ``ns_dtype``, and AdamW
+    for the rest, stepped as one ``CombinedOptimizer`` whose groups are named adamw,
+    adamw_no_decay and muon. ``fused``: AdamW's one-kernel step (else its multi-tensor one)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is unknown; choose one of {list(OPTIMIZERS)}")
+    if muon_ns_steps < 1:
+        raise ValueError(f"muon_ns_steps must be 1 or more (Muon's Newton-Schulz iterations; "
+                         f"PyTorch's default is 5), got {muon_ns_steps}")
+    muon_params = hidden_matrices(module) if optimizer == "muon" else []
+    adamw = torch.optim.AdamW(param_groups(module, weight_decay, decay_embeddings, muon_params),
+                              lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
+    if not muon_params:
+        return adamw
+    muon = Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
+                ns_steps=muon_ns_steps, ns_dtype=ns_dtype)
+    # named groups: the learning-rate monitor logs lr-CombinedOptimizer/{adamw,muon,...}
+    for group, name in zip(adamw.param_groups + muon.param_groups,
+                           ("adamw", "adamw_no_decay", "muon"), strict=True):
+        group["name"] = name
+    return CombinedOptimizer(adamw, muon)

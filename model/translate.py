@@ -79,3 +79,12 @@ def bleu_signature() -> str:
     # the signature names the number of references, known only once a score was computed
     metric.corpus_score(["a"], [["a"]])
     return str(metric.get_signature())
+
+
+def bleu_by_length_penalty(model: Seq2SeqTransformer, tokenizer, sources: list[str],
+                           references: list[str], beam_size: int, alphas: Sequence[float]
+                           ) -> dict[float, float]:
+    """The cased sacreBLEU of beam search at each length penalty of ``alphas``: {alpha: score},
+    from one beam search (the alphas only rank its final hypotheses)."""
+    translations = translate_alphas(model, tokenizer, sources, beam_size, alphas, truncate=True)
+    return {alpha: bleu(hyps, references)["bleu"] for alpha, hyps in translations.items()}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import yaml
 
 from scripts import compare_runs
-from scripts._common import UsageError, exit_code
+from training.errors import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import torch
 
 from model import ATTENTION_KERNELS
-from scripts._common import add_device_argument, exit_code, pick_device
+from scripts._common import add_device_argument, pick_device
+from training.errors import exit_code
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

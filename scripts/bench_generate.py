@@ -34,7 +34,8 @@ import yaml
 from model import ATTENTION_KERNELS, GPT, GPTConfig, KVCache
 from model.checkpoint import load_gpt_checkpoint
 from model.device import choose_attn_impl, device_info
-from scripts._common import UsageError, add_device_argument, exit_code, pick_device
+from scripts._common import add_device_argument, pick_device
+from training.errors import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def long_table(args) -> None:
               flush=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
                    help="model shape to build")
@@ -149,7 +150,11 @@ def main(argv=None):
     p.add_argument("--long", type=int, default=None,
                    help="instead: tokens/s along a generation of this many tokens, learned against "
                         "rotary positions")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

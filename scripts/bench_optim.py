@@ -11,7 +11,7 @@ and why train.py runs the iterations in fp32 on a CPU without bf16.
     python scripts/bench_optim.py --seq2seq ... --compile   # and the pass compiled: would it pay?
 
 Prints a markdown table and the machine it ran on. Big CPU tensors are kept for reuse, as train.py
-keeps them (scripts/_common.py: keep_freed_memory); ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
+keeps them (training/memory.py: keep_freed_memory); ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
 environment times glibc's default instead. The Newton-Schulz work is per matrix, whatever
 the batch: its share of a step shrinks as the batch grows.
 """
@@ -27,15 +27,10 @@ import torch
 
 from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer
 from model.device import device_info
-from model.optim import CombinedOptimizer, Muon
-from scripts._common import (
-    UsageError,
-    add_device_argument,
-    exit_code,
-    keep_freed_memory,
-    pick_device,
-)
-from train import hidden_matrices, param_groups
+from model.optim import build_optimizer, hidden_matrices
+from scripts._common import add_device_argument, pick_device
+from training.errors import UsageError, exit_code
+from training.memory import keep_freed_memory
 
 
 def timed(step, device: str, repeats: int) -> float:
@@ -57,22 +52,21 @@ def timed(step, device: str, repeats: int) -> float:
 
 def optimizers(model: torch.nn.Module, device: str, ns_steps: list[int]
                ) -> dict[str, torch.optim.Optimizer]:
-    fused = device in ("cpu", "cuda")
-    hidden = hidden_matrices(model)
+    """Training's optimizers (model/optim.py), Muon's with each count of iterations in fp32 and in
+    bf16."""
+    def build(optimizer: str, **muon) -> torch.optim.Optimizer:
+        return build_optimizer(model, optimizer, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                               fused=device in ("cpu", "cuda"), **muon)
 
-    def adamw(exclude=()):
-        return torch.optim.AdamW(param_groups(model, 0.1, exclude=exclude), lr=1e-3, fused=fused)
-
-    found = {"AdamW (fused), every parameter": adamw()}
+    found = {"AdamW (fused), every parameter": build("adamw")}
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16 (PyTorch's)")):
         for steps in ns_steps:
             found[f"Muon, {steps} Newton-Schulz iterations in {name}, + AdamW"] = \
-                CombinedOptimizer(adamw(hidden),
-                                  Muon(hidden, lr=0.02, ns_steps=steps, ns_dtype=dtype))
+                build("muon", muon_ns_steps=steps, ns_dtype=dtype)
     return found
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
@@ -92,7 +86,11 @@ def main(argv=None):
                    help="also time the forward and backward pass of the model compiled with "
                         "torch.compile, and how long compiling took")
     add_device_argument(p)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = pick_device(args.device)
     keep_freed_memory()  # as train.py: big tensors reused between steps, not paged in each time
     if args.threads:

@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 import lightning as L
 import torch
 
+import train
 from model.device import device_info
-from scripts._common import add_device_argument, exit_code, pick_device
-from train import make_cli, model_kind
+from scripts._common import add_device_argument, pick_device
+from training.cli import model_kind
+from training.errors import exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true",
@@ -62,7 +64,7 @@ def build(args, attn_impl: str, precision: str, compile: bool):
                  "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null",
                  "--checkpoint.save_last", "false", "--run.save_dir", args.run_dir,
                  *(["--data.source", args.source] if args.source else []), *args.train_flags]
-    return make_cli(overrides, run=False)
+    return train.main(overrides, run=False)
 
 
 def ms_per_step(times: list[float], steps: int) -> float:
@@ -133,7 +135,7 @@ def parse_args(argv):
     args, args.train_flags = p.parse_known_args(argv)  # the rest goes to train.py's CLI
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
-    kind = model_kind(["--config", args.config, *args.train_flags])  # as train.py would read it
+    kind = model_kind(["--config", args.config, *args.train_flags], train.KINDS)  # as train.py
     if kind != "gpt":
         p.error(f"the run trains a {kind} model (--config {args.config} or --kind); this "
                 "script times the GPT's training only (a translation run logs its training "

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import yaml
 
-from scripts._common import UsageError, exit_code
+from training.errors import UsageError, exit_code
 
 # settings that differ between any two runs
 IGNORED = {"run_dir", "run_id", "run_name", "run.id", "run.name", "ckpt_path"}

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from model.checkpoint import load_gpt_checkpoint
 from model.hf_gpt2 import save_hf
-from scripts._common import UsageError, exit_code
+from training.errors import UsageError, exit_code
 
 
 def parse_args(argv=None):

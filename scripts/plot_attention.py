@@ -27,7 +27,8 @@ import torch
 
 from model import beam_search, capture_attention, greedy_search
 from model.checkpoint import load_checkpoint
-from scripts._common import UsageError, add_device_argument, exit_code, pick_device
+from scripts._common import add_device_argument, pick_device
+from training.errors import UsageError, exit_code
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:

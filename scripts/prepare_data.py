@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 
 from data.corpus import prepare_corpus
-from scripts._common import exit_code
+from training.errors import exit_code
 
 
 def parse_args(argv=None):

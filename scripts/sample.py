@@ -26,7 +26,8 @@ import torch
 
 from model.checkpoint import load_checkpoint, load_model
 from model.sampling import check_sampling_args
-from scripts._common import UsageError, add_device_argument, exit_code, pick_device
+from scripts._common import add_device_argument, pick_device
+from training.errors import UsageError, exit_code
 
 
 def prompt_ids(tokenizer, prompt: str | None, block_size: int | None) -> list[int]:

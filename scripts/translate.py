@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from model.checkpoint import load_seq2seq_checkpoint
 from model.translate import bleu, bleu_signature, translate
-from scripts._common import UsageError, add_device_argument, exit_code, pick_device
+from scripts._common import add_device_argument, pick_device
+from training.errors import UsageError, exit_code
 
 
 def read_lines(path: str) -> list[str]:

@@ -6,6 +6,7 @@ import torch
 from conftest import REPO
 
 import train
+import training.cli
 from model import GPT, GPTConfig
 from model.device import (
     NAIVE_BF16_CPU_MAX_T,
@@ -102,7 +103,7 @@ def test_kernels_held_to_avx2_count_as_a_cpu_without_bf16(capability, bf16, monk
 
 def parse(*args: str):
     """train.py's CLI for these arguments, parsed and resolved but not run."""
-    return train.make_cli(list(args), run=False)
+    return train.main(list(args), run=False)
 
 
 @pytest.mark.parametrize("config", ["shakespeare_char_cpu", "shakespeare_char", "shakespeare_gpt2",
@@ -122,7 +123,7 @@ def test_the_cpu_config_resolves_to_this_machines_fast_choice(text_file, cache_d
 
 
 def test_an_explicit_choice_is_kept_and_a_slow_one_warned_about(text_file, cache_dir, monkeypatch, caplog):
-    monkeypatch.setattr(train, "accelerator_device", lambda accelerator: CPU_AVX2)
+    monkeypatch.setattr(training.cli, "accelerator_device", lambda accelerator: CPU_AVX2)
     cli = parse("--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml"), "--data.source", str(text_file),
                 "--data.cache_dir", str(cache_dir), "--trainer.precision", "bf16-mixed",
                 "--model.config.attn_impl", "flash")

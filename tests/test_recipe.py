@@ -19,10 +19,11 @@ from torch import nn
 
 from model import GPT, GPTConfig
 from model.checkpoint import load_gpt_checkpoint
-from model.optim import CombinedOptimizer, Muon, orthogonalize
+from model.optim import CombinedOptimizer, Muon, hidden_matrices, orthogonalize, param_groups
 from scripts import ablate, compare_runs
-from scripts._common import UsageError
-from train import TargetLoss, cli, hidden_matrices, param_groups, warmup_cosine
+from train import cli, warmup_cosine
+from training.callbacks import TargetLoss
+from training.errors import UsageError
 
 OPTIONS = {"mlp": ("gelu", "relu2", "swiglu"), "norm": ("layernorm", "rmsnorm"),
            "tie_embeddings": (True, False), "zero_init_proj": (False, True),
@@ -270,7 +271,7 @@ def test_muon_ns_steps_reaches_the_optimizer_and_zero_is_refused(text_file, tmp_
     assert [g["ns_steps"] for g in muon["param_groups"]] == [3]
     assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
                         "--model.muon_ns_steps", "0")) == 1
-    assert "--model.muon_ns_steps must be 1 or more" in capsys.readouterr().err
+    assert "muon_ns_steps must be 1 or more" in capsys.readouterr().err
 
 
 def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caplog):

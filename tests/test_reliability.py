@@ -14,7 +14,8 @@ from conftest import REPO, fit, reverse_pairs, run_folders, tiny_run, write_para
 
 from data.translation import PairBatches, TranslationDataModule
 from model import GPT
-from train import AtomicCheckpointIO, NonFiniteLoss, cli, main
+from train import NonFiniteLoss, cli, main
+from training.checkpointing import AtomicCheckpointIO
 
 
 def losses(folder: Path) -> dict[int, float]:

@@ -13,7 +13,7 @@ from conftest import REPO, fit, run_folders, tiny_run
 
 from model.device import choose_attn_impl, choose_precision, device_info
 from scripts import compare_runs
-from train import make_cli
+from train import main
 
 
 def wandb_id(offline_run: Path) -> str:
@@ -94,7 +94,7 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
 def test_a_cli_built_without_running_hands_its_run_id_to_no_later_run(text_file, tmp_path):
     """The run id reaches a multi-process run's workers through the environment: only while that
     run lasts, so that a CLI built without running (scripts/bench_train.py) leaves none behind."""
-    built = make_cli(tiny_run(text_file, tmp_path)[1:], run=False)
+    built = main(tiny_run(text_file, tmp_path)[1:], run=False)
     fit(text_file, tmp_path, "--trainer.max_steps", "2")
     folder, = run_folders(tmp_path)
     assert not folder.name.endswith(built.model.run_info["id"])

@@ -177,7 +177,7 @@ def test_bench_optim_times_the_compiled_pass_beside_the_eager_one(capsys):
 # after keep_freed_memory(): mallinfo2().hblkhd counts the bytes malloc holds in mmapped blocks
 MMAPPED_TENSOR = """
 import ctypes, torch
-from scripts._common import keep_freed_memory
+from training.memory import keep_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Timer
 
 from data.lm import LMDataModule
 from model import GPTConfig
-from train import GPTLightningModule, main, param_groups, warmup_cosine
+from model.optim import param_groups
+from train import GPTLightningModule, main, warmup_cosine
 
 
 def test_warmup_then_cosine_schedule():

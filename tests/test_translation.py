@@ -25,7 +25,8 @@ from model import Seq2SeqConfig, greedy_search
 from model.checkpoint import load_gpt_checkpoint, load_seq2seq_checkpoint
 from model.translate import bleu, translate
 from scripts import translate as translate_script
-from train import EMA, Seq2SeqLightningModule
+from train import Seq2SeqLightningModule
+from training.callbacks import EMA
 
 
 @pytest.fixture(scope="module")

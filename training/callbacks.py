@@ -1,0 +1,104 @@
+"""Callbacks a run can have beside its checkpoints: an EMA of the weights, throughput and MFU, and
+the time to a target validation loss."""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
+
+from .run_state import RunState
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer step (Lightning's
+    WeightAveraging): validation runs on it, checkpoints store it as the model's weights, and the
+    model ends training with it.
+
+    Args:
+        decay: weight of the average at each update (0.998: about the last 500 steps), reached
+            gradually: update n uses min(decay, (1 + n) / (10 + n)), so the random initial weights
+            fade out early.
+    """
+
+    def __init__(self, decay: float = 0.998):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+
+        @torch.no_grad()
+        def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+                   n_averaged: torch.Tensor):
+            weight = 1.0 - min(decay, (1.0 + n_averaged.item()) / (10.0 + n_averaged.item()))
+            torch._foreach_lerp_(averaged, current, weight)
+
+        super().__init__(multi_avg_fn=update, use_buffers=True)
+
+
+class Throughput(ThroughputMonitor):
+    """Logs tokens/s (``train/device/items_per_sec``) every log interval and, where the device's
+    peak FLOP/s is known, MFU (``train/device/mfu``): from Lightning's table of common GPUs, or
+    ``peak_flops`` (FLOP/s of one device at the training precision) when given, e.g. for a CPU.
+    The module sets ``flops_per_batch`` for each batch.
+
+    Args:
+        peak_flops: peak FLOP/s of one device; overrides the table.
+        window_size: batches averaged over.
+    """
+
+    def __init__(self, peak_flops: float | None = None, window_size: int = 50):
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size,
+                         length_fn=lambda batch: batch[0].numel())
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:  # Lightning's Throughput takes no peak of ours: set it on each
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops
+
+
+class TargetLoss(L.Callback):
+    """Time to a target loss: the first validation whose ``val/loss`` is at most ``loss``, with the
+    step, wall time and training time (wall time less validations, from ``RunState``) that
+    reached it. Printed when it happens and at the end of training (``summary``), logged once as
+    ``target/step``, ``target/wall_time_s`` and ``target/train_time_s``, and kept in checkpoints
+    (a resumed run still knows). The resolution is the validation interval: the target was
+    reached at most ``val_check_interval`` steps earlier."""
+
+    def __init__(self, loss: float):
+        if not loss > 0:
+            raise ValueError(f"--target_loss must be a positive loss, got {loss}")
+        self.loss = loss
+        self.reached: dict | None = None
+        self.best: float | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        metric = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or metric is None:
+            return
+        loss = metric.item()
+        self.best = loss if self.best is None else min(self.best, loss)
+        if self.reached is not None or loss > self.loss:
+            return
+        wall, train = RunState.of(trainer).val_started_at
+        self.reached = {"step": trainer.global_step, "wall_time_s": wall, "train_time_s": train,
+                        "val_loss": loss}
+        rank_zero_info(f"\n{self.summary()}")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"target/{key}": value for key, value in self.reached.items()},
+                               step=trainer.global_step)
+
+    def summary(self) -> str:
+        if self.reached is None:
+            best = f" (best {self.best:.4f})" if self.best is not None else ""
+            return f"val/loss has not reached the target {self.loss}{best}"
+        r = self.reached
+        return (f"Time to val/loss <= {self.loss}: step {r['step']}, {r['train_time_s']:.1f} s of "
+                f"training ({r['wall_time_s']:.1f} s wall time with validations; val/loss "
+                f"{r['val_loss']:.4f})")
+
+    def state_dict(self) -> dict:
+        return {"reached": self.reached, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.reached, self.best = state_dict["reached"], state_dict["best"]

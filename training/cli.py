@@ -1,0 +1,311 @@
+"""train.py's command line: LightningCLI for one model kind, with what every run has (its folder and
+loggers, checkpoints, the learning-rate and throughput monitors, its clock), ``auto`` precision and
+attention path resolved for the device, resuming a run from its checkpoint and warm starts.
+
+Reading order: the Trainer with ``auto`` precision; a model kind; the CLI (options, ``auto``, the
+checks of a resume or warm start, the run's Trainer, running and finishing); building it.
+"""
+
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import yaml
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from model import GPTConfig
+from model.checkpoint import load_gpt_weights, read_checkpoint, source_config, source_state_dict
+from model.device import (
+    DeviceInfo,
+    choose_attn_impl,
+    choose_precision,
+    device_info,
+    resolve_device,
+    slow_precision_warning,
+)
+
+from . import resume
+from .callbacks import TargetLoss, Throughput
+from .checkpointing import AtomicCheckpointIO, Checkpoint
+from .memory import keep_freed_memory
+from .run_state import RunState
+from .runs import RunConfig, SaveRunConfig, finish_loggers, run_loggers
+
+
+def accelerator_device(accelerator) -> DeviceInfo:
+    """The device a Trainer ``accelerator`` setting trains on, and what it can do."""
+    return device_info(resolve_device(accelerator if isinstance(accelerator, str) else "auto"))
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer, whose ``precision`` also takes ``auto`` (the default): bf16-mixed where
+    the device computes in bf16, else 16-mixed on GPUs and 32-true on CPUs
+    (``model.device.choose_precision``). The CLI resolves ``auto`` before building the Trainer, so
+    that the run's config holds the choice."""
+
+    def __init__(self, *args, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto",
+                 **kwargs):
+        if precision == "auto":
+            precision = choose_precision(accelerator_device(kwargs.get("accelerator", "auto")))
+        super().__init__(*args, precision=precision, **kwargs)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a model kind trains with: its LightningModule (with a ``kind`` name, a key of
+    ``model.checkpoint.MODELS``, and a ``shape`` for run names) and data module, and what ``auto``
+    attention needs to know: the data option that is also the model's longest sequence (linked to
+    the model option of the same name), and whether the model masks padded keys."""
+
+    module: type[L.LightningModule]
+    data: type[L.LightningDataModule]
+    seq_len: str
+    masks_padded_keys: bool
+
+
+def model_kind(args: list[str], kinds: dict[str, Kind]) -> str:
+    """The ``kind`` the command line asks for, read before the CLI is built (the kind picks its
+    classes): ``--kind K``, else the last ``--config`` file that sets one, else ``gpt``."""
+    kind = "gpt"
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if not equals:  # "--config FILE" rather than "--config=FILE"
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if flag == "--config" and Path(value).is_file():
+            with open(value) as f:
+                config = yaml.safe_load(f)
+            kind = config.get("kind", kind) if isinstance(config, dict) else kind
+        elif flag == "--kind" and value:
+            kind = value
+    if kind not in kinds:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(kinds)}")
+    return kind
+
+
+def _as_list(value) -> list:
+    """A Trainer option that takes one object or a list of them (None, or a bool, is none)."""
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class CLI(LightningCLI):
+    """LightningCLI for one ``Kind``, with what every run shares: the run folder and wandb (``run``,
+    see ``RunConfig``), checkpoints (best by val/loss, and last), the learning rate and throughput
+    monitors, ``auto`` precision and attention path, and resuming a run from its checkpoint.
+    Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones.
+
+    Args:
+        kind: the model kind to train.
+        kind_names: every kind's name, which a config's ``kind`` may give.
+        launcher_run_id: the run id of a multi-process run, which its launcher passes to the
+            worker processes in $MINIGPT_RUN_ID (they start from the command line again).
+    """
+
+    def __init__(self, kind: Kind, *, kind_names: tuple[str, ...] = ("gpt",),
+                 launcher_run_id: str | None = None, **kwargs):
+        self.kind, self.kind_names, self.launcher_run_id = kind, kind_names, launcher_run_id
+        super().__init__(kind.module, kind.data, **kwargs)
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--kind", choices=list(self.kind_names), default="gpt",
+                            help="the model to train")
+        # the data decides the longest sequence and the vocabulary; the model follows
+        seq_len = self.kind.seq_len
+        parser.link_arguments(f"data.{seq_len}", f"model.config.{seq_len}")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.add_class_arguments(RunConfig, "run")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
+                             "checkpoint.save_last": True, "checkpoint.filename": "best-{step}"})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_argument("--target_loss", type=float | None, default=None,
+                            help="report the step and time at which val/loss first reaches this "
+                                 "(training.callbacks.TargetLoss)")
+
+    def _subconfig(self, config):
+        return config[self.subcommand] if self.subcommand else config
+
+    def before_instantiate_classes(self):
+        """Resolve ``auto`` precision and attention path from what the device can do
+        (model/device.py), in the config itself: the run's config.yaml and wandb config hold the
+        choice, not ``auto``."""
+        config = self._subconfig(self.config)
+        trainer, model_config = config.trainer, config.model.config
+        info = accelerator_device(trainer.accelerator)
+        resolved = []
+        if trainer.precision == "auto":
+            trainer.precision = choose_precision(info)
+            resolved.append(f"precision auto -> {trainer.precision}")
+        elif (warning := slow_precision_warning(info, trainer.precision)) is not None:
+            rank_zero_info(f"Warning: {warning}")
+        if model_config.attn_impl == "auto":
+            model_config.attn_impl = choose_attn_impl(
+                info, str(trainer.precision), seq_len=config.data[self.kind.seq_len],
+                key_mask=self.kind.masks_padded_keys)
+            resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
+        choices = f"; {', '.join(resolved)}" if resolved else ""
+        rank_zero_info(f"Device: {info.describe()}{choices}")
+
+    # Resuming a run: ``--ckpt_path`` names a checkpoint. Its run continues in the same folder, CSV
+    # and wandb run, with the same model and training options. The checkpoint is read once, before
+    # anything is built: a missing or foreign file, or options that differ from the run's, end the
+    # start with a message (training/resume.py). instantiate_trainer then finds the run's folder.
+
+    def _parse_ckpt_path(self):
+        """Lightning's (it applies the checkpoint's model hyperparameters to the config), after the
+        checks above. The checkpoint is kept for instantiate_trainer."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._checkpoint = self._init_tokenizer = None
+        model = self.config[subcommand].model if subcommand else self.config.model
+        if not ckpt_path:
+            if model.get("init_from"):
+                self._init_tokenizer = self._take_architecture(model, model.init_from)
+            return super()._parse_ckpt_path()
+        resume.check_ckpt_path(ckpt_path)
+        self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.kind.module.kind)
+        if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
+            self._take_architecture(model, ckpt_path)
+        ours = model.as_dict()
+        resume.check_resume_options(ckpt_path, ours, self._checkpoint["hyper_parameters"],
+                                    self.kind.seq_len)
+        super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
+        flat_ours = resume.flat(ours)
+        for key in resume.RESUME_MAY_CHANGE:  # ... but these are how the run computes: ours win
+            if key in flat_ours:
+                self.config[subcommand].model[key] = flat_ours[key]
+
+    def _take_architecture(self, model, source: str) -> dict | None:
+        """A warm start's model options take the architecture of ``source``
+        (``resume.take_architecture``); returns the source's tokenizer (``to_dict()``; None for
+        one this project does not know), read without the weights."""
+        kind, theirs, tokenizer = source_config(source)
+        if kind != self.kind.module.kind:
+            raise ValueError(f"--model.init_from {source} holds a {kind} model; a "
+                             f"{self.kind.module.kind} run cannot start from it")
+        rank_zero_info(resume.take_architecture(model.config, theirs, asdict(GPTConfig()), source))
+        return tokenizer
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, logging into the run's folder: a new one, or that of the run a fit
+        resumes."""
+        config = self._subconfig(self.config_init)
+        files = config.get("config") or []
+        stem = Path(str(files[-1])).stem if files else self.model.kind
+        run: RunConfig = config.run.with_environment(stem)
+        name = run.name or (f"{stem}-{self.model.shape}-{self.model.model.config.attn_impl}-"
+                            f"{config.trainer.get('precision') or '32'}")
+        run_id, run_dir = run.new_run(name, run.id or self.launcher_run_id)
+        ckpt_path = config.get("ckpt_path")
+        resumed = (resume.resumed_run(self._checkpoint, ckpt_path)
+                   if self.subcommand == "fit" and ckpt_path else None)
+        if resumed:
+            run_id, name, run_dir = resumed[0]["id"], resumed[0]["name"], Path(resumed[0]["dir"])
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if self._checkpoint is not None and "tokenizer" in self._checkpoint:
+            resume.check_resume_tokenizer(ckpt_path, tokenizer, self._checkpoint["tokenizer"])
+        elif self.model.hparams.get("init_from"):  # a warm start: the data must speak its tokens
+            resume.check_warm_start_tokenizer(self.model.hparams.init_from, tokenizer,
+                                              self._init_tokenizer,
+                                              self.model.model.config.vocab_size)
+        if self._checkpoint is None and run_dir.exists() and not self.launcher_run_id:
+            raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, "
+                             f"or resume that run with --ckpt_path {run_dir}/checkpoints/last.ckpt")
+        # the folder itself is made when training sets up (SaveRunConfig), so that bad input
+        # leaves none behind
+        self.run_dir, self.resumed = run_dir, resumed is not None
+        self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and checkpoint.dirpath is None:
+            checkpoint.dirpath = str(run_dir / "checkpoints")
+        loggers = [*run_loggers(run, name, run_id, run_dir, resumed[1] if resumed else None,
+                                job_type=self.subcommand or "fit"),
+                   *_as_list(config.trainer.get("logger"))]
+        rank_zero_info(f"Run {name}, id {run_id}: {run_dir}"
+                       + (f" (resumed at step {resumed[1]})" if resumed else ""))
+        plugins = _as_list(config.trainer.get("plugins"))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = [*_as_list(config.trainer.get("callbacks")), RunState()]
+        if config.get("target_loss") is not None:
+            callbacks.append(TargetLoss(config.target_loss))
+        if config.trainer.get("enable_progress_bar") is not False and \
+                not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            # the bar redraws when the loggers write, not at every step (a redraw costs ~1 ms)
+            callbacks.append(TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
+        return super().instantiate_trainer(**{**kwargs, "logger": loggers, "plugins": plugins,
+                                              "callbacks": callbacks})
+
+    def _run_subcommand(self, subcommand):
+        # The worker processes of a multi-process run start from the command line again and take
+        # this run's id from the environment (build_cli): set for as long as the run lasts only,
+        # so that a later CLI in this process (or one built without running) starts its own run.
+        os.environ["MINIGPT_RUN_ID"] = self.model.run_info["id"]
+        try:
+            source = self.model.hparams.get("init_from")
+            if source and not self.config_init[subcommand].ckpt_path:
+                # a warm start: the source's weights before anything is trained (the optimizer is
+                # made afterwards, fresh); a resumed run's weights are its checkpoint's
+                load_gpt_weights(self.model.model, source_state_dict(source), source)
+                rank_zero_info(f"Warm start: the weights of {source} "
+                               f"({self.model.model.num_params(non_embedding=False) / 1e6:.1f}M "
+                               f"parameters)")
+            super()._run_subcommand(subcommand)
+        except BaseException:  # interrupted, or failed: close the wandb run as failed
+            self.finish_run(exit_code=1)  # (a resume reopens it)
+            if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed start leaves no folder
+            raise
+        finally:
+            os.environ.pop("MINIGPT_RUN_ID", None)
+
+    def after_fit(self):
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            rank_zero_info(f"Best checkpoint: {ckpt.best_model_path} "
+                           f"(val/loss {ckpt.best_model_score:.4f})")
+        self.model.evaluate_after_fit()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, TargetLoss):
+                rank_zero_info(callback.summary())
+        self.finish_run()
+
+    def after_validate(self):
+        self.finish_run()
+
+    def after_test(self):
+        self.finish_run()
+
+    def finish_run(self, exit_code: int = 0):
+        finish_loggers(self.trainer.loggers, exit_code, rank_zero=self.trainer.is_global_zero)
+
+
+TRAINER_DEFAULTS = {
+    "max_steps": 5000,
+    "val_check_interval": 250,  # training batches between validations
+    "check_val_every_n_epoch": None,  # the training stream is endless: validate by steps only
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+}
+
+
+def build_cli(kinds: dict[str, Kind], args: list[str] | None = None, run: bool = True) -> CLI:
+    """The CLI for ``args`` (default: the command line), of the kind they ask for. ``run=False``
+    builds the model, data module and Trainer without training (``args`` then has no ``fit``)."""
+    kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]
+    keep_freed_memory()  # big CPU tensors reused, not paged in at every step (training/memory.py)
+    return CLI(kind, kind_names=tuple(kinds), trainer_class=Trainer, seed_everything_default=1337,
+               run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
+               save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False},
+               launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None))
