@@ -31,7 +31,8 @@ Attention paths (``attn_impl``); each serves every option above, except where it
   backward) in readable PyTorch, skipping the tiles outside a window; see
   ``model/tiled_attention.py``. No dropout.
 
-Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry.
+Each path is a function in ``ATTENTION_KERNELS``; adding one is adding an entry, and saying what it
+cannot serve in ``check_attn_impl``.
 
 Seeing the weights: ``capture_attention(model)`` (at the end of this file) records the weights of
 every attention module of a model, through the reference path, during the forward passes inside its
@@ -137,8 +138,6 @@ def _flash_kernel(q, k, v, *, causal, key_mask, dropout_p, window=None):
 
 
 def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p, window=None):
-    if dropout_p > 0:
-        raise ValueError("attn_impl='tiled' has no attention dropout: set the model's dropout to 0")
     return tiled_attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
 
 
@@ -146,6 +145,33 @@ def _tiled_kernel(q, k, v, *, causal, key_mask, dropout_p, window=None):
 #                     window) -> (B, nh, T_q, hs)
 ATTENTION_KERNELS = {"naive": _naive_kernel, "sdpa": _sdpa_kernel, "flash": _flash_kernel,
                      "tiled": _tiled_kernel}
+
+
+def check_attn_impl(attn_impl: str, *, dropout: float = 0.0, window: int | None = None,
+                    key_mask: bool = False) -> None:
+    """Whether ``attn_impl`` can serve attention with this ``dropout``, a sliding ``window`` and
+    key padding masks (``key_mask``): the one place that says which path serves what, for a
+    module and for a model's config alike. Raises ValueError naming what to choose instead. (What
+    only a call can show, such as a rotary sequence longer than block_size for PyTorch's flash
+    kernel, the kernels refuse when it happens.)"""
+    choices = sorted(ATTENTION_KERNELS)
+    if attn_impl == "auto":
+        raise ValueError(f"attn_impl 'auto' is resolved for the device when training starts; in "
+                         f"code, choose one of {choices} (model.device.choose_attn_impl picks "
+                         f"the fastest for a device)")
+    if attn_impl not in ATTENTION_KERNELS:
+        raise ValueError(f"attn_impl {attn_impl!r} is unknown; choose one of {choices}")
+    if attn_impl == "tiled" and dropout > 0:
+        raise ValueError("attn_impl 'tiled' has no attention dropout: set dropout to 0 or use "
+                         "another attn_impl")
+    if attn_impl == "flash" and key_mask:
+        raise ValueError("attn_impl 'flash' cannot take key padding masks (a translation model's "
+                         "padded sources): use 'sdpa', which runs a fused kernel where it can, "
+                         "'naive' or 'tiled'")
+    if attn_impl == "flash" and window is not None and flash_attn_func is None:
+        raise ValueError("attn_impl 'flash' cannot serve a window: PyTorch's flash kernel takes no "
+                         "mask, and the flash_attn package (CUDA) is not installed; use attn_impl "
+                         "'sdpa' or 'tiled'")
 
 
 class KVCache:
@@ -236,9 +262,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}): "
                              f"each key/value head serves a group of n_head / n_kv_head query "
                              f"heads")
-        if attn_impl not in ATTENTION_KERNELS:
-            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of "
-                             f"{sorted(ATTENTION_KERNELS)}")
+        check_attn_impl(attn_impl, dropout=dropout)
         if window is not None and (not causal or cross or window < 1):
             raise ValueError(f"window ({window}) must be at least 1, and is for causal "
                              f"self-attention only")

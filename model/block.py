@@ -15,17 +15,18 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ATTENTION_KERNELS, KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, check_attn_impl
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 POS_EMBS = ("learned", "rope")  # a table added to the embeddings, or rotary (model/rotary.py)
 
 
-def check_config(config, positive: tuple[str, ...]) -> None:
+def check_config(config, positive: tuple[str, ...], key_mask: bool = False) -> None:
     """The checks every model config needs: ``positive`` fields >= 1, heads dividing the width,
     dropout in [0, 1), a known norm, MLP and position encoding, and an attention path that can
-    serve it. Raises ValueError naming the field and the fix."""
+    serve it (``check_attn_impl``; ``key_mask``: the model's attention masks padded keys). Raises
+    ValueError naming the field and the fix."""
     name = type(config).__name__
     for field, choices in (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS)):
         value = getattr(config, field, choices[0])
@@ -50,16 +51,8 @@ def check_config(config, positive: tuple[str, ...]) -> None:
         raise ValueError(f"{name}.rope_theta must be positive, got {config.rope_theta}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
-    if config.attn_impl == "auto":
-        raise ValueError(f"{name}.attn_impl 'auto' is resolved by train.py for the device; in "
-                         f"code, choose one of {sorted(ATTENTION_KERNELS)} "
-                         f"(model.device.choose_attn_impl picks as train.py does)")
-    if config.attn_impl not in ATTENTION_KERNELS:
-        raise ValueError(f"{name}.attn_impl {config.attn_impl!r} is unknown; choose one of "
-                         f"{sorted(ATTENTION_KERNELS)}")
-    if config.attn_impl == "tiled" and config.dropout > 0:
-        raise ValueError("attn_impl='tiled' has no attention dropout: set dropout to 0 or use "
-                         "another attn_impl")
+    check_attn_impl(config.attn_impl, dropout=config.dropout,
+                    window=getattr(config, "window", None), key_mask=key_mask)
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02,

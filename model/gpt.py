@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, flash_attn_func
+from .attention import KVCache
 from .block import Block, check_config, init_weights, make_norm
 from .rotary import rotary_angles
 from .sampling import check_sampling_args, sample_next
@@ -33,8 +33,9 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
-    attn_impl: str = "sdpa"  # "naive" (reference), "sdpa", "flash" or "tiled" (model/attention.py);
-    # train.py also takes "auto": the fastest path for the device (model/device.py)
+    # "naive" (reference), "sdpa", "flash" or "tiled" (model/attention.py); the training command
+    # line also takes "auto": the fastest path for the device (model/device.py)
+    attn_impl: str = "sdpa"
     # positions: "learned" (GPT-2: a table of block_size vectors added to the token embeddings) or
     # "rope" (rotary, model/rotary.py: queries and keys turned by their positions; a query then
     # sees at most block_size tokens, or window, and generation can go on past block_size)
@@ -60,10 +61,6 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.window must be in [1, block_size={self.block_size}] (or "
                              f"None: no window), got {self.window}; the model never trains on "
                              f"more than block_size tokens")
-        if self.window is not None and self.attn_impl == "flash" and flash_attn_func is None:
-            raise ValueError("GPTConfig.attn_impl 'flash' cannot serve a window: PyTorch's flash "
-                             "kernel takes no mask, and the flash_attn package (CUDA) is not "
-                             "installed; use attn_impl 'sdpa' or 'tiled'")
 
     @property
     def attn_window(self) -> int | None:

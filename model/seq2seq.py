@@ -60,11 +60,7 @@ class Seq2SeqConfig:
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer",
-                                     "n_head", "n_embd", "mlp_hidden"))
-        if self.attn_impl == "flash":
-            raise ValueError("Seq2SeqConfig.attn_impl 'flash' cannot take the source padding mask; "
-                             "use 'sdpa' (which runs a fused kernel where it can), 'naive' or "
-                             "'tiled'")
+                                     "n_head", "n_embd", "mlp_hidden"), key_mask=True)
         if not 0.0 <= self.word_dropout < 1.0:
             raise ValueError("Seq2SeqConfig.word_dropout must be in [0, 1), got "
                              f"{self.word_dropout}")

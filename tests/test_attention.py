@@ -208,7 +208,7 @@ def test_cross_attention_cache_projects_the_context_once():
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="divisible by n_head"):
         MultiHeadAttention(30, 4)
-    with pytest.raises(ValueError, match="unknown attn_impl"):
+    with pytest.raises(ValueError, match="attn_impl 'fast' is unknown"):
         MultiHeadAttention(32, 4, attn_impl="fast")
     with pytest.raises(ValueError, match="needs a context"):
         MultiHeadAttention(32, 4, cross=True)(torch.randn(1, 3, 32))

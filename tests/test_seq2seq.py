@@ -197,7 +197,7 @@ def test_one_beam_search_ranks_for_every_length_penalty():
 
 
 def test_config_rejects_what_cannot_work():
-    with pytest.raises(ValueError, match="'flash' cannot take the source padding mask"):
+    with pytest.raises(ValueError, match="'flash' cannot take key padding masks"):
         Seq2SeqConfig(attn_impl="flash")
     with pytest.raises(ValueError, match="n_decoder_layer must be at least 1"):
         Seq2SeqConfig(n_decoder_layer=0)
