@@ -4,16 +4,12 @@ loss."""
 
 import copy
 import csv
-import functools
 import itertools
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import REPO, fit, run_folders, tiny_run
 from torch import nn
 
@@ -323,132 +319,3 @@ def test_ablation_variants_resolve_from_the_runs_shape_and_unknown_ones_are_refu
     assert ablate.resolve("--config=configs/x.yaml", shape) == f"--config={REPO}/configs/x.yaml"
     with pytest.raises(UsageError, match="not a variant of the recipe study"):
         ablate.main(["recipe", "--variants", "baseline", "gqa"])
-
-
-@functools.cache  # a study's merge is read by more than one test; none changes it
-def merged_translation_runs(name: str) -> dict[str, dict]:
-    """What train.py would run for each variant of a translation study (--print_config), the
-    variants' commands started at once (each is a few seconds of Python start-up)."""
-    study = ablate.STUDIES[name]
-    commands = {variant: subprocess.Popen(
-        [sys.executable, "train.py", "fit", "--config", study.config, *flags, *study.flags,
-         "--print_config"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for variant, flags in study.variants.items()}
-    merged = {}
-    for variant, command in commands.items():
-        out, err = command.communicate()
-        assert command.returncode == 0, f"{variant}: {err}"
-        merged[variant] = essentials(yaml.safe_load(out))
-    return merged
-
-
-def essentials(config: dict) -> dict:
-    """The settings of a translation run that its study varies."""
-    return {"optimizer": config["model"]["optimizer"],
-            **{k: config["model"]["config"][k]
-               for k in ("pos_emb", "qk_norm", "mlp", "dropout", "label_smoothing",
-                         "word_dropout", "n_encoder_layer", "n_decoder_layer", "n_head")},
-            **{k: config["data"][k] for k in ("max_tokens", "vocab_size")},
-            **{k: config["model"][k] for k in ("lr", "min_lr", "muon_lr", "muon_ns_steps",
-                                               "warmup_steps", "weight_decay")},
-            "steps": config["trainer"]["max_steps"], "max_time": config["trainer"]["max_time"]}
-
-
-def test_the_translation_studys_baseline_undoes_the_recipe_and_its_variants_add_one_change():
-    merged = merged_translation_runs("translation").get
-    # 500 steps, with the dropout, batch size and label smoothing the config had when the table
-    # was measured
-    protocol = {"steps": 500, "max_time": None, "dropout": 0.1, "max_tokens": 3000,
-                "vocab_size": 8000, "label_smoothing": 0.1, "word_dropout": 0.0,
-                "lr": 1.5e-3, "min_lr": 1e-4, "muon_lr": 0.02, "warmup_steps": 100,
-                "n_encoder_layer": 3, "n_decoder_layer": 3, "n_head": 4, "muon_ns_steps": 5,
-                "weight_decay": 0.1}
-    baseline = merged("baseline")
-    assert baseline == {"optimizer": "adamw", "pos_emb": "learned", "qk_norm": False, "mlp": "gelu",
-                        **protocol}
-    assert merged("muon") == {**baseline, "optimizer": "muon"}
-    assert merged("muon_rope_qk_norm_relu2") == {"optimizer": "muon", "pos_emb": "rope",
-                                                 "qk_norm": True, "mlp": "relu2", **protocol}
-
-
-@pytest.mark.slow
-def test_the_translation_budget_study_goes_from_the_config_before_to_the_config_one_change_each():
-    merged = merged_translation_runs("translation_budget").get
-    # the config before its lr doubled, in the study's budget and cap
-    config = merged("word_dropout_0.1")
-    assert config["max_time"] is not None and config["optimizer"] == "muon"  # the whole budget
-    assert config["steps"] == 2400 and config["word_dropout"] == 0.1 and config["lr"] == 1.5e-3
-    before = {**config, "dropout": 0.1, "max_tokens": 3000, "label_smoothing": 0.1,
-              "word_dropout": 0.0}
-    assert config != before and merged("before") == before
-    assert merged("vocab_4000") == {**before, "vocab_size": 4000}
-    assert merged("tokens_1500") == {**before, "max_tokens": config["max_tokens"]}
-    assert merged("dropout_0") == {**before, "dropout": config["dropout"]}
-    both = {**before, "dropout": config["dropout"], "max_tokens": config["max_tokens"]}
-    assert merged("dropout_0_tokens_1500") == both
-    assert merged("dropout_0.05") == {**both, "dropout": 0.05}
-    # then label smoothing 0.2; the rest are one change from it, word dropout 0.1 the config's
-    smoothed = {**both, "label_smoothing": 0.2}
-    assert merged("label_smoothing_0.2") == smoothed
-    assert merged("label_smoothing_0.3") == {**smoothed, "label_smoothing": 0.3}
-    for p in (0.1, 0.2):
-        assert merged(f"word_dropout_{p}") == {**smoothed, "word_dropout": p}
-
-
-def test_the_translation_steps_study_varies_the_cap_word_dropout_and_lr_of_the_config():
-    merged = merged_translation_runs("translation_steps").get
-    config = merged("config_steps_4000")  # the config as it is, the cosine over its steps cap
-    assert config["max_time"] is None and config["steps"] == 4000 and config["lr"] == 3e-3
-    # the rest: the config before its lr doubled, with its clock
-    before = {**config, "max_time": merged("word_dropout_0.1_steps_4000")["max_time"],
-              "lr": 1.5e-3, "min_lr": 1e-4}
-    assert before["max_time"] is not None and merged("word_dropout_0.1_steps_4000") == before
-    assert merged("steps_2400") == {**before, "steps": 2400, "word_dropout": 0.0}
-    assert merged("word_dropout_0.1_steps_6000") == {**before, "steps": 6000}
-    by_steps = {**before, "steps": 2100, "max_time": None}
-    assert merged("word_dropout_0.1_steps_2100") == by_steps
-    assert merged("steps_2100") == {**by_steps, "word_dropout": 0.0}
-
-
-def test_the_translation_2100_study_changes_one_learning_rate_of_the_config_before():
-    merged = merged_translation_runs("translation_2100").get
-    before = merged("lr_1.5e-3")
-    # the config before its lr doubled, as translation_steps runs it at the AVX2 CPU's steps: no
-    # clock, 2,100 steps
-    assert before == merged_translation_runs("translation_steps")["word_dropout_0.1_steps_2100"]
-    for muon_lr in (0.01, 0.04):
-        assert merged(f"muon_lr_{muon_lr}") == {**before, "muon_lr": muon_lr}
-    # min_lr with lr: every group's lr decays to its peak * min_lr / lr. lr_3e-3 is the config's.
-    for name, lr, min_lr in (("lr_3e-3", 3e-3, 2e-4), ("lr_6e-3", 6e-3, 4e-4)):
-        assert merged(name) == {**before, "lr": lr, "min_lr": min_lr}
-
-
-def test_the_translation_levers_study_changes_one_setting_of_the_config_at_2100_steps():
-    merged = merged_translation_runs("translation_levers").get
-    config = merged("config")  # the config as it is, at the AVX2 CPU's steps: translation_2100's
-    assert config == merged_translation_runs("translation_2100")["lr_3e-3"]
-    for warmup in (100, 300):
-        assert merged(f"warmup_{warmup}") == {**config, "warmup_steps": warmup}
-    assert merged("min_lr_0") == {**config, "min_lr": 0.0}
-    assert merged("encoder_4_decoder_2") == {**config, "n_encoder_layer": 4, "n_decoder_layer": 2}
-
-
-def test_the_2400_step_study_changes_one_setting_of_the_config_at_the_steps_of_its_time():
-    merged = merged_translation_runs("translation_2400").get
-    before = merged("weight_decay_0.1")  # the config then, at 2,400 steps instead of 2,100
-    assert before == {**merged_translation_runs("translation_levers")["config"], "steps": 2400}
-    assert merged("muon_ns_steps_3") == {**before, "muon_ns_steps": 3, "steps": 2700}
-    assert merged("weight_decay_0") == {**before, "weight_decay": 0.0}
-    assert merged("n_head_8") == {**before, "n_head": 8}
-    # the change that won is the config as it is now; 8 heads the last on top of it
-    config = merged("weight_decay_0.2")
-    assert config == {**before, "weight_decay": 0.2}
-    assert merged("n_head_8_weight_decay_0.2") == {**config, "n_head": 8}
-    assert merged("weight_decay_0.3") == {**config, "weight_decay": 0.3}
-
-
-def test_the_fewer_steps_study_runs_the_config_with_a_shorter_schedule():
-    merged = merged_translation_runs("translation_fewer_steps").get
-    config = merged_translation_runs("translation_2400")["weight_decay_0.2"]  # the config
-    for steps in (1850, 2100):  # its cosine over these steps, no clock
-        assert merged(f"steps_{steps}") == {**config, "steps": steps}
