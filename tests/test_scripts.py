@@ -1,14 +1,19 @@
-"""Every script in scripts/ (and train.py) runs end to end from a subprocess on tiny checkpoints,
-from a working directory whose own data/, model/ and train.py would shadow the project's if it
-let them."""
+"""Every script in scripts/ runs end to end on tiny checkpoints, and each, like train.py, imports
+the project's own packages when run from a working directory whose own data/, model/ and train.py
+would shadow them if it let them."""
 
+import functools
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
+
+from training.errors import exit_code
 
 GPT_RUN = ["--data.block_size", "16", "--data.batch_size", "4", "--model.config.n_layer", "1",
            "--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.val_samples", "0",
@@ -32,7 +37,8 @@ def foreign_cwd(tmp_path_factory) -> Path:
 def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     """Arguments for each script, on the smallest inputs it takes."""
     return {
-        "ablate": ["recipe", "--variants", "baseline", "recipe", "--out", str(out / "ablation"),
+        # the recipe variant: a study's variant that gives its own config
+        "ablate": ["recipe", "--variants", "recipe", "--out", str(out / "ablation"),
                    "--plot", str(out / "ablation.png"), "--", "--data.source", str(ckpts["text"]),
                    "--data.cache_dir", str(out / "cache"), *GPT_RUN],
         "bench_attention": ["--paths", "naive", "sdpa", "--seq-lens", "16", "--windows", "none",
@@ -74,61 +80,59 @@ def test_every_script_is_covered():
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED_OUTPUT))
-def test_script_runs_from_a_folder_with_its_own_data_and_model(script, checkpoints, foreign_cwd,
-                                                                tmp_path):
-    args = script_cases(checkpoints, tmp_path)[script]
-    # the user's folder on the path too: the project's own packages must still win
-    env = {**os.environ, "PYTHONPATH": "."}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args],
-                            cwd=foreign_cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert EXPECTED_OUTPUT[script] in result.stdout, result.stdout[-2000:]
+def test_script_runs_end_to_end_on_tiny_inputs(script, checkpoints, tmp_path, capsys):
+    module = importlib.import_module(f"scripts.{script}")
+    assert exit_code(lambda: module.main(script_cases(checkpoints, tmp_path)[script])) == 0, \
+        capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert EXPECTED_OUTPUT[script] in out, out[-2000:]
 
 
-def test_train_py_runs_from_a_folder_with_its_own_data_and_model(checkpoints, foreign_cwd,
-                                                                  tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config",
-                             str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
-                             "--data.source", str(checkpoints["text"]),
-                             "--data.cache_dir", str(tmp_path / "cache"),
-                             "--run.save_dir", str(tmp_path), *GPT_RUN],
-                            cwd=foreign_cwd, capture_output=True, text=True, timeout=600,
+# Run from the user's folder (on sys.path too: PYTHONPATH=.): each script imports the project's own
+# data/, model/ and training/, never the user's. The inference scripts come first: loading a
+# checkpoint, sampling, translating, plotting and tokenizing need no Lightning (and so no train.py),
+# as nanoGPT's sample.py needs only torch and the model
+LIGHTNING_FREE = ["sample", "translate", "plot_attention", "bench_generate", "prepare_data"]
+IMPORT_EVERY_SCRIPT = """
+import runpy, sys
+lightning_free, scripts = sys.argv[1].split(","), sys.argv[2].split(",")
+for name in scripts:
+    runpy.run_path(f"{sys.argv[3]}/scripts/{name}.py", run_name="imported")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "train"))
+    if name in lightning_free and loaded:
+        sys.exit(f"importing scripts/{name}.py loads {loaded}")
+for package in ("data", "model", "training"):
+    if not sys.modules[package].__file__.startswith(sys.argv[3]):
+        sys.exit(f"{package} came from {sys.modules[package].__file__}")
+print("ok")
+"""
+
+
+def test_every_script_imports_the_projects_packages_from_a_users_folder(foreign_cwd):
+    others = sorted(set(EXPECTED_OUTPUT) - set(LIGHTNING_FREE))
+    result = subprocess.run([sys.executable, "-c", IMPORT_EVERY_SCRIPT, ",".join(LIGHTNING_FREE),
+                             ",".join(LIGHTNING_FREE + others), str(REPO)], cwd=foreign_cwd,
+                            capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": "."})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HTTP_PROXY": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}  # any request would fail at once
 
 
-def test_make_train_trains_offline_on_the_shipped_text_with_no_source_given(tmp_path):
-    """What `make train` runs, with the network off and no --data.source: the shipped Tiny
-    Shakespeare."""
+def test_train_py_trains_offline_on_the_shipped_text_from_a_users_folder(foreign_cwd, tmp_path):
+    """What `make train` runs, with the network off and no --data.source (the shipped Tiny
+    Shakespeare), from a folder whose own data/, model/ and train.py would shadow the project's."""
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config",
                              str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
                              "--run.save_dir", str(tmp_path),
-                             "--data.cache_dir", str(tmp_path / "cache"), *GPT_RUN], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, **OFFLINE})
+                             "--data.cache_dir", str(tmp_path / "cache"), *GPT_RUN],
+                            cwd=foreign_cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **OFFLINE, "PYTHONPATH": "."})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Tokenizing 'tiny_shakespeare'" in result.stderr + result.stdout
     assert list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))
-
-
-# the inference side: loading a checkpoint, sampling, translating, plotting and tokenizing need no
-# Lightning (and so no train.py), as nanoGPT's sample.py needs only torch and the model
-LIGHTNING_FREE = ["sample", "translate", "plot_attention", "bench_generate", "prepare_data"]
-
-
-@pytest.mark.parametrize("script", LIGHTNING_FREE)
-def test_inference_scripts_import_neither_lightning_nor_train(script):
-    code = (f"import sys, scripts.{script}; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'train')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]", result.stdout[-3000:]
 
 
 def test_bench_train_refuses_a_translation_config_with_a_message_not_a_cli_traceback(capsys):
@@ -161,10 +165,12 @@ def test_bench_optim_times_the_translation_model_at_each_count_of_iterations(cap
         bench_optim.main([*args, "--ns-steps", "0"])
 
 
-@pytest.mark.slow
-def test_bench_optim_times_the_compiled_pass_beside_the_eager_one(capsys):
+def test_bench_optim_times_the_compiled_pass_beside_the_eager_one(capsys, monkeypatch):
     from scripts import bench_optim
 
+    # Dynamo's eager backend: the script's compile row without inductor's ~20 s of building
+    # kernels (that a compiled model trains through inductor, test_training.py proves)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     bench_optim.main(["--seq2seq", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--vocab",
                       "40", "--batch", "2", "--block", "6", "--repeats", "1", "--threads", "1",
                       "--device", "cpu", "--compile"])
