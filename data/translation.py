@@ -4,8 +4,8 @@ batches grouped by length under a token budget.
 Sources (``TranslationDataModule(source=...)``):
 
 * a folder of aligned line files ``{train,val}.<src_lang>[.gz]`` and ``{train,val}.<tgt_lang>[.gz]``
-  (line i of one translates line i of the other), e.g. the Multi30k copy in
-  ``../shared/data/multi30k``;
+  (line i of one translates line i of the other), e.g. the Multi30k repository's
+  ``data/task1/raw`` (docs/translation.md);
 * a folder with ``train.jsonl[.gz]`` and ``val.jsonl[.gz]``, one pair per line:
   ``{"de": "...", "en": "..."}`` or ``{"translation": {"de": "...", "en": "..."}}``;
 * a hub dataset id with such columns and train/validation splits, e.g. ``bentrevett/multi30k``.

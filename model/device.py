@@ -118,7 +118,7 @@ def cpu_has_bf16() -> bool:
     """Native bf16 on this CPU: AVX-512 BF16 or AMX. PyTorch reports them through private functions;
     should those disappear, the answer is the safe one (no bf16: fp32 is never the slow choice)."""
     # ATEN_CPU_CAPABILITY=avx2 (or default) holds PyTorch's kernels to AVX2 on any x86 CPU, and
-    # its bf16 arithmetic is emulated then, as on a CPU without bf16 (docs/speed.md: standing in)
+    # its bf16 arithmetic is emulated then, as on a CPU without bf16 (docs/speed.md)
     if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
