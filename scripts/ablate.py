@@ -15,6 +15,9 @@ left out): run nothing else on the machine meanwhile, or they are not comparable
 """
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -61,10 +64,13 @@ def load_study(name: str) -> Study:
         fields = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UsageError(f"{path} is not valid YAML: {e}") from None
-    try:
-        study = Study(**fields)
-    except TypeError as e:  # a missing or unknown key
-        raise UsageError(f"{path}: {e}; experiments/README.md lists a study's keys") from None
+    keys = [f.name for f in dataclasses.fields(Study)]
+    if not isinstance(fields, dict) or not {"config", "variants"} <= fields.keys() \
+            or not fields.keys() <= set(keys):
+        found = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        raise UsageError(f"{path} has the keys {found}; a study file has config and variants, and "
+                         f"may have {', '.join(keys[2:])} (experiments/README.md)")
+    study = Study(**fields)
     lists = [("flags", study.flags), *((f"variants.{k}", v) for k, v in study.variants.items())]
     for key, flags in lists:
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
@@ -88,22 +94,29 @@ def resolve(flag: str, shape: dict) -> str:
 
 def variant_args(study: Study, variant: str, config: str, shape: dict, extra: list[str]
                  ) -> list[str]:
-    """train.py's arguments after ``fit`` for one variant: the baseline ``config`` (unless the
-    variant gives its own), the variant's flags, the study's, then ``extra``."""
+    """train.py's arguments after ``fit`` for one variant: the baseline ``config`` (or the
+    variant's own), the study's flags, the variant's other flags, then ``extra``: later flags
+    win, so a variant's own settings hold over the study's."""
     flags = [resolve(flag, shape) for flag in study.variants[variant]]
-    base = [] if any(flag.startswith("--config=") for flag in flags) else ["--config", config]
-    return [*base, *flags, *study.flags, *extra]
+    configs = [flag for flag in flags if flag.startswith("--config=")] or ["--config", config]
+    return [*configs, *study.flags, *(f for f in flags if f not in configs), *extra]
 
 
-def run_shape(config: str, extra: list[str]) -> dict:
-    """n_head and block_size of the runs, from the config train.py would run with these flags
-    (LightningCLI's --print_config merges them as training does)."""
-    printed = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", config,
-                              *extra, "--print_config"], capture_output=True, text=True)
-    if printed.returncode != 0:
-        reason = printed.stderr.strip().splitlines()[-1].removeprefix("error: ")
-        raise UsageError(f"train.py refuses --config and the flags after '--' ({reason})")
-    return shape_of(yaml.safe_load(printed.stdout))
+def merged_config(args: list[str], subcommand: str = "fit") -> str:
+    """The config ``train.py SUBCOMMAND ARGS`` would run, as its --print_config prints it, parsed
+    in this process: nothing is built or read. A refusal is a UsageError with train.py's
+    reason."""
+    import train  # here: Lightning takes seconds to import, and --help needs none of it
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            train.main([subcommand, *args, "--print_config"])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            lines = err.getvalue().strip().splitlines() or [f"exit status {e.code}"]
+            raise UsageError(lines[-1].removeprefix("error: ")) from None
+    return out.getvalue()
 
 
 def shape_of(merged: dict) -> dict:
@@ -117,12 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s STUDY [options] [-- train.py flags for every run]",
+        epilog="Flags after -- go to every run's train.py command line, after the study's.")
     p.add_argument("study", help="a study file, or the name of one in experiments/studies/")
     p.add_argument("--config", default=None, help="another baseline config than the study's")
     p.add_argument("--variants", nargs="+", default=None,
                    help="the variants to run, in order (default: all of the study's)")
-    p.add_argument("--out", default="runs/ablation", help="the runs' save_dir")
+    p.add_argument("--out", default="runs/ablation",
+                   help="the runs' save_dir (default: runs/ablation): runs land in "
+                        "OUT/<project>/<variant>-<id>/")
     p.add_argument("--plot", default=None, help="val/loss curves (default: ablate_<study>.png)")
     args = p.parse_args(argv)
     args.extra = extra
@@ -140,22 +158,42 @@ def main(argv=None):
     config = args.config or str(REPO / study.config)
     if not Path(config).is_file():
         raise UsageError(f"no config at {config}")
-    shape = run_shape(config, [*study.flags, *extra])
+    try:
+        shape = shape_of(yaml.safe_load(merged_config(["--config", config, *study.flags,
+                                                       *extra])))
+    except UsageError as e:
+        raise UsageError(f"train.py refuses the {name} study's flags or those after '--': "
+                         f"{e}") from None
+    variants = args.variants or list(study.variants)
+    commands = {}
+    for variant in variants:  # every run checked before the first one trains
+        run_args = [*variant_args(study, variant, config, shape, extra),
+                    f"--run.save_dir={args.out}", f"--run.name={variant}",
+                    f"--run.group=ablate-{name}"]
+        try:
+            merged_config(run_args)
+        except UsageError as e:
+            raise UsageError(f"train.py refuses the {variant} variant of {study_path(args.study)}"
+                             f": {e}") from None
+        commands[variant] = [sys.executable, str(REPO / "train.py"), "fit", *run_args]
     env = {**os.environ, **{key: str(value) for key, value in study.env.items()}}
-    folders = []
-    for variant in args.variants or study.variants:
-        command = [sys.executable, str(REPO / "train.py"), "fit",
-                   *variant_args(study, variant, config, shape, extra),
-                   f"--run.save_dir={args.out}", f"--run.name={variant}",
-                   f"--run.group=ablate-{name}"]
+    folders, failed = [], None
+    for variant, command in commands.items():
         print(f"\n== {variant}: {' '.join(study.variants[variant]) or 'the baseline as it is'}",
               flush=True)
         before = set(Path(args.out).glob(f"*/{variant}-*"))
-        subprocess.run(command, check=True, env=env)
+        code = subprocess.run(command, env=env).returncode
         folders += sorted(set(Path(args.out).glob(f"*/{variant}-*")) - before)
+        if code != 0:
+            failed = f"the {variant} run ended with exit status {code} (its output is above)"
+            break
     print()
     target = ["--target", str(study.target)] if study.target is not None else []
-    compare_runs.main([*map(str, folders), "--plot", args.plot or f"ablate_{name}.png", *target])
+    if folders:
+        compare_runs.main([*map(str, folders), "--plot", args.plot or f"ablate_{name}.png",
+                           *target])
+    if failed:
+        raise UsageError(f"{failed}; the table holds the runs before it")
 
 
 if __name__ == "__main__":

@@ -3,41 +3,36 @@ parses as written, and every variant of every study file in experiments/studies/
 train.py accepts and that differs from its study's baseline. Parsing only: nothing is trained,
 read or downloaded."""
 
-import contextlib
 import importlib
-import io
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
 
-import train
-from scripts import ablate
+from scripts import ablate, bench_train
 from training.errors import UsageError
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# a command: python train.py ..., python scripts/NAME.py ..., or make train ...
-COMMAND = re.compile(r"^(?:python3? (?:train\.py|scripts/\w+\.py)|make train)\b")
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+        REPO / "experiments" / "README.md"]
+# a command: python train.py ..., python scripts/NAME.py ..., or make train ..., wherever it starts
+# in a line (after `echo ... |` or environment settings) and up to the end of its code span
+COMMAND = re.compile(r"(?:python3? (?:train\.py|scripts/\w+\.py)|make train)\b[^`]*")
 
 
 def doc_commands(path: Path) -> list[str]:
-    """The commands of a markdown file: the lines of its code blocks (continuations joined) and
-    its inline code spans that are commands, with environment settings in front dropped."""
+    """The commands of a markdown file, in its code blocks (continued lines joined) and in its
+    inline code spans (which may wrap): the first in each line or span."""
     text = path.read_text()
     found = []
     for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
-        for line in block.replace("\\\n", " ").splitlines():
-            found.append(line.strip())
-    found += re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
-    commands = []
-    for line in found:
-        line = re.sub(r"^(?:/usr/bin/time(?: -v)? |[A-Z_]+=\S+ )+", "", line)
-        if COMMAND.match(line):
-            commands.append(line)
-    return commands
+        found += block.replace("\\\n", " ").splitlines()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    found += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    return [match.group(0).strip() for line in found if (match := COMMAND.search(line))]
 
 
 ALL = [(path.relative_to(REPO).as_posix(), command) for path in DOCS
@@ -45,24 +40,21 @@ ALL = [(path.relative_to(REPO).as_posix(), command) for path in DOCS
 
 
 def make_train_args(words: list[str]) -> list[str]:
-    """What `make train VAR=value ...` runs (the Makefile's train target)."""
-    settings = dict(word.split("=", 1) for word in words[2:])
-    config = settings.get("CONFIG", "configs/shakespeare_char_cpu.yaml")
-    data = ["--data.source", settings["DATA"]] if settings.get("DATA") else []
-    return ["fit", "--config", config, *data, *shlex.split(settings.get("ARGS", ""))]
+    """What `make train VAR=value ...` runs: train.py's arguments in the Makefile's recipe."""
+    lines = subprocess.run(["make", "-n", "-s", *words[1:]], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    line, = (line for line in lines if " train.py " in line)
+    return shlex.split(line.split(" train.py ", 1)[1])
 
 
 def parse_train(args: list[str]) -> str:
-    """train.py's CLI parsing ``args`` (its --print_config: the merged config, nothing built)."""
-    out = io.StringIO()
-    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stdout(out):
-        train.main([*args, "--print_config"])
-    assert exit_.value.code in (0, None), f"train.py {' '.join(args)} does not parse"
-    return out.getvalue()
+    """train.py's CLI parsing ``args`` (its subcommand first): the config it would run, printed,
+    or its help."""
+    return ablate.merged_config(args[1:], subcommand=args[0])
 
 
 def test_the_docs_give_commands_and_every_script_they_name_exists():
-    assert len(ALL) >= 40, ALL  # the extraction finds them
+    assert len(ALL) >= 60, ALL  # the extraction finds them
     for where, command in ALL:
         words = shlex.split(command, comments=True)
         if words[0].startswith("python"):
@@ -75,14 +67,22 @@ def test_every_command_in_the_docs_parses_as_written(where, command, monkeypatch
     words = shlex.split(command, comments=True)
     if words[0] == "make":
         parse_train(make_train_args(words))
-    elif words[1] == "train.py":
+        return
+    if words[1] == "train.py":
         parse_train(words[2:])
-    else:
-        script = importlib.import_module(f"scripts.{Path(words[1]).stem}")
-        try:
-            script.parse_args(words[2:])
-        except SystemExit as e:  # --help
-            assert e.code in (0, None), f"{where}: {command} does not parse"
+        return
+    script = importlib.import_module(f"scripts.{Path(words[1]).stem}")
+    try:
+        args = script.parse_args(words[2:])
+    except SystemExit as e:  # --help
+        assert e.code in (0, None), f"{where}: {command} does not parse"
+        return
+    if script is bench_train and args.train_flags:  # the flags it hands on to train.py
+        parse_train(["fit", "--config", args.config, *args.train_flags])
+    if script is ablate:  # the study, and the flags after -- with its own
+        study = ablate.load_study(args.study)
+        ablate.merged_config(["--config", args.config or str(REPO / study.config),
+                              *study.flags, *args.extra])
 
 
 STUDIES = sorted((REPO / "experiments" / "studies").glob("*.yaml"))
@@ -94,11 +94,11 @@ def test_every_variant_of_a_study_is_a_run_that_differs_from_its_baseline(path, 
     study = ablate.load_study(str(path))
     assert study.description and study.measures and study.variants
     config = str(REPO / study.config)
-    baseline = yaml.safe_load(parse_train(["fit", "--config", config, *study.flags]))
+    baseline = yaml.safe_load(ablate.merged_config(["--config", config, *study.flags]))
     shape = ablate.shape_of(baseline)
     for variant, flags in study.variants.items():
-        merged = yaml.safe_load(parse_train(["fit", *ablate.variant_args(study, variant, config,
-                                                                         shape, [])]))
+        merged = yaml.safe_load(ablate.merged_config(ablate.variant_args(study, variant, config,
+                                                                         shape, [])))
         if flags:  # a variant changes something: a flag that sets what the baseline has is a slip
             assert merged != baseline, f"{path.stem}: {variant} runs the baseline"
 
@@ -106,10 +106,19 @@ def test_every_variant_of_a_study_is_a_run_that_differs_from_its_baseline(path, 
 def test_a_study_file_with_a_mistake_is_refused_in_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("config: configs/shakespeare_char_cpu.yaml\nvariants: {a: []}\nsteps: 3\n")
-    with pytest.raises(UsageError, match="unexpected keyword argument 'steps'"):
+    with pytest.raises(UsageError, match=r"'steps', 'variants'\]; a study file has config"):
         ablate.load_study(str(path))
     path.write_text("config: configs/shakespeare_char_cpu.yaml\nvariants: {a: --model.lr=1}\n")
     with pytest.raises(UsageError, match="variants.a must be a list of train.py flags"):
         ablate.load_study(str(path))
     with pytest.raises(UsageError, match="no study file .*no_such.yaml; the studies in"):
         ablate.load_study("no_such")
+
+
+def test_a_study_variant_train_py_refuses_is_named_before_any_run_trains(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("description: d\nmeasures: m\nconfig: configs/shakespeare_char_cpu.yaml\n"
+                    "variants: {good: [--model.lr=1e-3], bad: [--model.lrr=3e-3]}\n")
+    with pytest.raises(UsageError, match=r"refuses the bad variant of .*typo.yaml: .*--model.lrr"):
+        ablate.main([str(path), "--out", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()  # the good variant did not train first
