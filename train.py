@@ -38,8 +38,9 @@ from model import GPTConfig, Seq2SeqConfig
 from model.checkpoint import MODELS
 from model.device import device_info
 from model.optim import build_optimizer
+from training.callbacks import EMA  # noqa: F401 (run configs written before training/ name it)
 from training.checkpointing import Interrupted
-from training.cli import CLI, Kind, build_cli
+from training.cli import CLI, ModelKind, build_cli
 from training.errors import exit_code
 from training.evaluation import final_bleu, log_samples, log_val_bleu
 
@@ -355,11 +356,8 @@ class Seq2SeqLightningModule(TrainModule):
         self._log_val_loss(loss, nll, tokens)
         # BLEU here, at the last batch, not in on_validation_epoch_end: callbacks' epoch-end hooks
         # run first, and the EMA callback's puts the training weights back
-        if batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking:
-            self._log_val_bleu()
-
-    def _log_val_bleu(self):
-        if self.hparams.val_bleu and self.trainer.is_global_zero:
+        if (batch_idx == self.trainer.num_val_batches[0] - 1 and not self.trainer.sanity_checking
+                and self.hparams.val_bleu and self.trainer.is_global_zero):
             log_val_bleu(self)
 
     def evaluate_after_fit(self):
@@ -367,15 +365,16 @@ class Seq2SeqLightningModule(TrainModule):
         has it, with beam search and a length penalty chosen on dev
         (``training.evaluation.final_bleu``)."""
         if self.trainer.is_global_zero and not self.trainer.interrupted and self.tokenizer:
-            final_bleu(self)
+            self.hparams.length_penalty = final_bleu(self)
 
 
 # ------------------------------------------------------------------------------------------------
 # The program
 
-KINDS = {"gpt": Kind(GPTLightningModule, LMDataModule, "block_size", masks_padded_keys=False),
-         "seq2seq": Kind(Seq2SeqLightningModule, TranslationDataModule, "max_len",
-                         masks_padded_keys=True)}
+KINDS = {"gpt": ModelKind(GPTLightningModule, LMDataModule, "block_size",
+                          masks_padded_keys=False),
+         "seq2seq": ModelKind(Seq2SeqLightningModule, TranslationDataModule, "max_len",
+                              masks_padded_keys=True)}
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CLI:

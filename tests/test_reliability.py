@@ -173,6 +173,15 @@ def test_bad_input_is_one_clear_message_not_a_traceback(case, text_file, tmp_pat
     assert not list(tmp_path.glob("mini-gpt/*")), "a start that failed left a run folder behind"
 
 
+def test_a_resume_may_change_how_the_model_computes_and_the_command_wins(text_file, tmp_path):
+    fit(text_file, tmp_path, "--trainer.max_steps", "4", "--model.config.attn_impl", "sdpa")
+    last, = tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt")
+    resumed = main(tiny_run(text_file, tmp_path, "--trainer.max_steps", "6", "--model.config.attn_impl",
+                            "naive", "--ckpt_path", str(last)))
+    assert resumed.trainer.global_step == 6
+    assert resumed.model.model.blocks[0].attn.attn_impl == "naive"  # not the checkpoint's sdpa
+
+
 def test_resuming_with_other_model_options_is_refused_naming_them(text_file, tmp_path, capsys):
     fit(text_file, tmp_path, "--trainer.max_steps", "2")
     folder, = run_folders(tmp_path)

@@ -8,6 +8,7 @@
     checkpointing.py  last.ckpt at the final step and on Ctrl-C or SIGTERM, atomic writes
     run_state.py      what a run carries across a resume beside Lightning's state: its clock and
                       random states
+    evaluation.py     what a run evaluates beside its loss: samples, a translation model's BLEU
     memory.py         big CPU tensors kept for reuse between steps (glibc's malloc)
     errors.py         bad input ending in one line, for train.py and every script
 

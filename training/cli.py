@@ -59,7 +59,7 @@ class Trainer(L.Trainer):
 
 
 @dataclass(frozen=True)
-class Kind:
+class ModelKind:
     """What a model kind trains with: its LightningModule (with a ``kind`` name, a key of
     ``model.checkpoint.MODELS``, and a ``shape`` for run names) and data module, and what ``auto``
     attention needs to know: the data option that is also the model's longest sequence (linked to
@@ -67,11 +67,15 @@ class Kind:
 
     module: type[L.LightningModule]
     data: type[L.LightningDataModule]
-    seq_len: str
+    seq_len_option: str
     masks_padded_keys: bool
 
+    @property
+    def name(self) -> str:  # the module's kind: "gpt" or "seq2seq"
+        return self.module.kind
 
-def model_kind(args: list[str], kinds: dict[str, Kind]) -> str:
+
+def model_kind(args: list[str], kinds: dict[str, ModelKind]) -> str:
     """The ``kind`` the command line asks for, read before the CLI is built (the kind picks its
     classes): ``--kind K``, else the last ``--config`` file that sets one, else ``gpt``."""
     kind = "gpt"
@@ -98,28 +102,29 @@ def _as_list(value) -> list:
 
 
 class CLI(LightningCLI):
-    """LightningCLI for one ``Kind``, with what every run shares: the run folder and wandb (``run``,
-    see ``RunConfig``), checkpoints (best by val/loss, and last), the learning rate and throughput
-    monitors, ``auto`` precision and attention path, and resuming a run from its checkpoint.
-    Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones.
+    """LightningCLI for one ``ModelKind``, with what every run shares: the run folder and wandb
+    (``run``, see ``RunConfig``), checkpoints (best by val/loss, and last), the learning rate and
+    throughput monitors, ``auto`` precision and attention path, and resuming a run from its
+    checkpoint. Loggers given in ``trainer.logger`` are added to the run's CSV and wandb ones.
 
     Args:
-        kind: the model kind to train.
+        model_kind: the model kind to train.
         kind_names: every kind's name, which a config's ``kind`` may give.
         launcher_run_id: the run id of a multi-process run, which its launcher passes to the
             worker processes in $MINIGPT_RUN_ID (they start from the command line again).
     """
 
-    def __init__(self, kind: Kind, *, kind_names: tuple[str, ...] = ("gpt",),
+    def __init__(self, model_kind: ModelKind, *, kind_names: tuple[str, ...] = ("gpt",),
                  launcher_run_id: str | None = None, **kwargs):
-        self.kind, self.kind_names, self.launcher_run_id = kind, kind_names, launcher_run_id
-        super().__init__(kind.module, kind.data, **kwargs)
+        self.model_kind, self.kind_names = model_kind, kind_names
+        self.launcher_run_id = launcher_run_id
+        super().__init__(model_kind.module, model_kind.data, **kwargs)
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(self.kind_names), default="gpt",
                             help="the model to train")
         # the data decides the longest sequence and the vocabulary; the model follows
-        seq_len = self.kind.seq_len
+        seq_len = self.model_kind.seq_len_option
         parser.link_arguments(f"data.{seq_len}", f"model.config.{seq_len}")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(RunConfig, "run")
@@ -151,8 +156,8 @@ class CLI(LightningCLI):
             rank_zero_info(f"Warning: {warning}")
         if model_config.attn_impl == "auto":
             model_config.attn_impl = choose_attn_impl(
-                info, str(trainer.precision), seq_len=config.data[self.kind.seq_len],
-                key_mask=self.kind.masks_padded_keys)
+                info, str(trainer.precision), seq_len=config.data[self.model_kind.seq_len_option],
+                key_mask=self.model_kind.masks_padded_keys)
             resolved.append(f"attn_impl auto -> {model_config.attn_impl}")
         choices = f"; {', '.join(resolved)}" if resolved else ""
         rank_zero_info(f"Device: {info.describe()}{choices}")
@@ -166,24 +171,25 @@ class CLI(LightningCLI):
         """Lightning's (it applies the checkpoint's model hyperparameters to the config), after the
         checks above. The checkpoint is kept for instantiate_trainer."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        config = self.config[subcommand] if subcommand else self.config  # (no self.subcommand yet)
+        ckpt_path = config.get("ckpt_path")
         self._checkpoint = self._init_tokenizer = None
-        model = self.config[subcommand].model if subcommand else self.config.model
+        model = config.model
         if not ckpt_path:
             if model.get("init_from"):
                 self._init_tokenizer = self._take_architecture(model, model.init_from)
             return super()._parse_ckpt_path()
         resume.check_ckpt_path(ckpt_path)
-        self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.kind.module.kind)
+        self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.model_kind.name)
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)
         ours = model.as_dict()
         resume.check_resume_options(ckpt_path, ours, self._checkpoint["hyper_parameters"],
-                                    self.kind.seq_len)
+                                    self.model_kind.seq_len_option)
         super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
         flat_ours = resume.flat(ours)
         for key in resume.RESUME_MAY_CHANGE:  # ... but these are how the run computes: ours win
-            if key in flat_ours:
+            if key in flat_ours:  # (Lightning's parse made a new self.config)
                 self.config[subcommand].model[key] = flat_ours[key]
 
     def _take_architecture(self, model, source: str) -> dict | None:
@@ -191,9 +197,9 @@ class CLI(LightningCLI):
         (``resume.take_architecture``); returns the source's tokenizer (``to_dict()``; None for
         one this project does not know), read without the weights."""
         kind, theirs, tokenizer = source_config(source)
-        if kind != self.kind.module.kind:
+        if kind != self.model_kind.name:
             raise ValueError(f"--model.init_from {source} holds a {kind} model; a "
-                             f"{self.kind.module.kind} run cannot start from it")
+                             f"{self.model_kind.name} run cannot start from it")
         rank_zero_info(resume.take_architecture(model.config, theirs, asdict(GPTConfig()), source))
         return tokenizer
 
@@ -206,7 +212,7 @@ class CLI(LightningCLI):
         run: RunConfig = config.run.with_environment(stem)
         name = run.name or (f"{stem}-{self.model.shape}-{self.model.model.config.attn_impl}-"
                             f"{config.trainer.get('precision') or '32'}")
-        run_id, run_dir = run.new_run(name, run.id or self.launcher_run_id)
+        run_id, run_dir = run.new_run_folder(name, run.id or self.launcher_run_id)
         ckpt_path = config.get("ckpt_path")
         resumed = (resume.resumed_run(self._checkpoint, ckpt_path)
                    if self.subcommand == "fit" and ckpt_path else None)
@@ -300,7 +306,7 @@ TRAINER_DEFAULTS = {
 }
 
 
-def build_cli(kinds: dict[str, Kind], args: list[str] | None = None, run: bool = True) -> CLI:
+def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: bool = True) -> CLI:
     """The CLI for ``args`` (default: the command line), of the kind they ask for. ``run=False``
     builds the model, data module and Trainer without training (``args`` then has no ``fit``)."""
     kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]

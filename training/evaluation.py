@@ -31,19 +31,19 @@ def log_samples(module: L.LightningModule, count: int, tokens: int) -> None:
                [[module.global_step, text] for text in texts])
 
 
-def split_bleu(module: L.LightningModule, split: str, beam_size: int = 1
-               ) -> tuple[dict[str, float], list[str]]:
-    """sacreBLEU of the model's translations of a split of the data module's pairs (at the
-    module's ``length_penalty``), and the translations."""
+def bleu_on_split(module: L.LightningModule, split: str, beam_size: int = 1,
+                  length_penalty: float = 1.0) -> tuple[dict[str, float], list[str]]:
+    """sacreBLEU of the model's translations of a split of the data module's pairs, and the
+    translations."""
     sources, references = module.trainer.datamodule.texts[split]
-    hypotheses = translate(module.model, module.tokenizer, sources, beam_size,
-                           module.hparams.length_penalty, truncate=True)
+    hypotheses = translate(module.model, module.tokenizer, sources, beam_size, length_penalty,
+                           truncate=True)
     return bleu(hypotheses, references), hypotheses
 
 
 def log_val_bleu(module: L.LightningModule) -> None:
     """Greedy sacreBLEU on the val split (``val/bleu``, ``val/bleu_lc``), with three examples."""
-    scores, hypotheses = split_bleu(module, "val")
+    scores, hypotheses = bleu_on_split(module, "val")  # greedy: no length penalty
     for name, value in scores.items():
         module.log(f"val/{name}", value, rank_zero_only=True, batch_size=1)
     sources, references = module.trainer.datamodule.texts["val"]
@@ -55,12 +55,14 @@ def log_val_bleu(module: L.LightningModule) -> None:
                examples)
 
 
-def final_bleu(module: L.LightningModule) -> None:
+def final_bleu(module: L.LightningModule) -> float:
     """The final weights translate val with beam search (``beam_size``), after choosing the length
-    penalty among ``tune_length_penalty`` on the dev split, never on val: ``final/bleu``,
-    ``final/bleu_lc``, ``final/length_penalty``. A test split, where the data has one, is scored
-    once, with the same settings: ``final/test_bleu``, ``final/test_bleu_lc``."""
+    penalty among ``tune_length_penalty`` on the dev split, never on val (else the module's
+    ``length_penalty``): ``final/bleu``, ``final/bleu_lc``, ``final/length_penalty``. A test split,
+    where the data has one, is scored once, with the same settings: ``final/test_bleu``,
+    ``final/test_bleu_lc``. Returns the length penalty."""
     trainer, hp = module.trainer, module.hparams
+    alpha = hp.length_penalty
     start = time.perf_counter()
     # Lightning's teardown moved the model to the CPU when fit ended: search on the device it
     # trained on, then put it back
@@ -70,22 +72,23 @@ def final_bleu(module: L.LightningModule) -> None:
             sources, references = trainer.datamodule.texts["dev"]
             by_alpha = bleu_by_length_penalty(module.model, module.tokenizer, sources, references,
                                               hp.beam_size, hp.tune_length_penalty)
-            hp.length_penalty = max(by_alpha, key=by_alpha.get)
+            alpha = max(by_alpha, key=by_alpha.get)
             rank_zero_info(f"Dev sacreBLEU (beam {hp.beam_size}) by length penalty: "
-                           + ", ".join(f"{alpha}: {s:.2f}" for alpha, s in by_alpha.items())
-                           + f"; using {hp.length_penalty}")
-        metrics, results = {"length_penalty": hp.length_penalty}, []
+                           + ", ".join(f"{a}: {s:.2f}" for a, s in by_alpha.items())
+                           + f"; using {alpha}")
+        metrics, results = {"length_penalty": alpha}, []
         for split, prefix in (("val", ""), ("test", "test_")):
             if split in trainer.datamodule.texts:
-                scores, _ = split_bleu(module, split, hp.beam_size)
+                scores, _ = bleu_on_split(module, split, hp.beam_size, alpha)
                 metrics.update({prefix + name: value for name, value in scores.items()})
                 results.append(f"{split} {scores['bleu']:.2f} cased, "
                                f"{scores['bleu_lc']:.2f} lowercase")
     finally:
         module.cpu()
-    rank_zero_info(f"Final sacreBLEU (beam {hp.beam_size}, length penalty {hp.length_penalty}): "
+    rank_zero_info(f"Final sacreBLEU (beam {hp.beam_size}, length penalty {alpha}): "
                    f"{'; '.join(results)} ({bleu_signature()}); "
                    f"{time.perf_counter() - start:.0f} s of evaluation. scripts/translate.py: "
-                   f"--beam {hp.beam_size} --length-penalty {hp.length_penalty}")
+                   f"--beam {hp.beam_size} --length-penalty {alpha}")
     for logger in trainer.loggers:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+    return alpha

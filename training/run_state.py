@@ -14,14 +14,15 @@ class RunState(L.Callback):
 
     The clock: ``wall_time`` is the seconds since training started, resumes included (the time
     between them left out); ``validation_time`` the part of it spent validating (val loss,
-    samples, BLEU, and the checkpoints saved there: a validation lasts until training goes on);
+    samples, BLEU, and the checkpoints saved there: a validation lasts until training goes on,
+    the next batch's fetching included);
     ``train_time`` the rest, the speedrun's measure, which does not change with how often a run
     validates. Each validation logs ``val/wall_time_s`` and ``val/train_time_s``: the time that
     training took to reach the weights it measures.
 
-    The random states (torch, CUDA, Python: dropout, the data order) are put back at the last
-    moment before the first step of a resumed run, after anything else in the set-up may have
-    drawn random numbers.
+    The random states (torch, CUDA, Python: dropout, the data order) of a resumed run are put back
+    when training starts, after the set-up (model, data, optimizer, sanity check) may have drawn
+    random numbers, and before the first step.
     """
 
     def __init__(self):
@@ -37,7 +38,7 @@ class RunState(L.Callback):
         """The trainer's RunState (train.py's CLI adds one to every run)."""
         found = next((c for c in trainer.callbacks if isinstance(c, RunState)), None)
         if found is None:
-            raise ValueError("this needs a training.run_state.RunState among the callbacks")
+            raise RuntimeError("this needs a training.run_state.RunState among the callbacks")
         return found
 
     def wall_time(self) -> float:
@@ -64,9 +65,12 @@ class RunState(L.Callback):
             self._val_seconds += time.perf_counter() - self._val_began
             self._val_began = None
 
-    # A validation ends when training goes on (or ends): the checkpoints saved after it, which
-    # Lightning's ModelCheckpoint does in its on_validation_end, after this callback's, count too
+    # A validation ends when training goes on (or ends): the checkpoints saved after it count too,
+    # which Lightning's ModelCheckpoint saves in its on_validation_end, after every other callback's
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._end_validation()
+
+    def on_sanity_check_end(self, trainer, pl_module):  # the set-up after it is not validating
         self._end_validation()
 
     def on_train_end(self, trainer, pl_module):
@@ -90,7 +94,7 @@ class RunState(L.Callback):
         self._val_seconds = checkpoint.get("val_time_s", 0.0)
         self._rng_to_restore = checkpoint.get("rng_states")
 
-    def on_train_start(self, trainer, pl_module):  # the last hook before the first step
+    def on_train_start(self, trainer, pl_module):  # nothing draws between it and the first step
         if self._rng_to_restore is None:
             return
         torch.set_rng_state(self._rng_to_restore["torch"])

@@ -63,7 +63,7 @@ class RunConfig:
                        tags=[t.strip() for t in tags if t.strip()],
                        entity=self.entity or env("WANDB_ENTITY"))
 
-    def new_run(self, name: str, run_id: str | None) -> tuple[str, Path]:
+    def new_run_folder(self, name: str, run_id: str | None) -> tuple[str, Path]:
         """The id (``run_id``, else a new one) and folder of a new run named ``name``."""
         run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = re.sub(r"[^\w.+-]", "_", name) + f"-{run_id}"
