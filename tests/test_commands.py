@@ -4,6 +4,7 @@ train.py accepts and that differs from its study's baseline. Parsing only: nothi
 read or downloaded."""
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -41,8 +42,13 @@ ALL = [(path.relative_to(REPO).as_posix(), command) for path in DOCS
 
 def make_train_args(words: list[str]) -> list[str]:
     """What `make train VAR=value ...` runs: train.py's arguments in the Makefile's recipe."""
+    # a make of our own, without the variables of a `make test ARGS=...` that may be running this
+    # test: they reach it through MAKEFLAGS and the environment, where the Makefile's ?= takes them
+    own = re.findall(r"^(\w+)\s*\?=", (REPO / "Makefile").read_text(), flags=re.M)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", *own)}
     lines = subprocess.run(["make", "-n", "-s", *words[1:]], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+                           text=True, check=True, env=env).stdout.splitlines()
     line, = (line for line in lines if " train.py " in line)
     return shlex.split(line.split(" train.py ", 1)[1])
 
