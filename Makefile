@@ -1,16 +1,23 @@
 # `make train` and `make test` set everything up on first use: a virtual environment in .venv,
-# PyTorch (the build pip picks for this machine, or TORCH=...), and this project with its dev tools
-# and Hugging Face transformers (GPT-2's weights; the tests build small GPT-2s with it).
+# PyTorch, and this project with its dev tools and Hugging Face transformers (GPT-2's weights; the
+# tests build small GPT-2s with it).
+#
+# PyTorch's build (scripts/_install_torch.py; one line says which): on Linux with no NVIDIA GPU
+# (`nvidia-smi -L` lists none), the CPU build from https://download.pytorch.org/whl/cpu when that
+# answers within 5 s, else whatever pip's configured index offers; otherwise pip's default choice.
+# TORCH_INDEX=URL uses that index for torch, TORCH_INDEX= (empty) pip's configured one.
 #
 #   make train                                  # CPU config on Tiny Shakespeare (ships in data/, offline)
 #   make train DATA=path/to/input.txt           # ... on your own text (a file, folder, glob or hub id)
 #   make train CONFIG=configs/shakespeare_char.yaml ARGS="--trainer.max_steps 500"
 #   make test                                   # the test suite (pytest)
 #   make install TORCH="torch==2.13.0"          # pin the torch requirement (e.g. a local CPU build)
+#   make install TORCH_INDEX=                   # torch from pip's configured index, no probing
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch
+TORCH_INDEX ?= auto
 CONFIG ?= configs/shakespeare_char_cpu.yaml
 DATA   ?=
 ARGS   ?=
@@ -23,7 +30,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python scripts/_install_torch.py --index="$(TORCH_INDEX)" "$(TORCH)"
 	$(BIN)/python -m pip install -e ".[dev,hf]"
 	touch $@
 
