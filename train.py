@@ -19,8 +19,12 @@ and saves checkpoints; at the end the module evaluates what its kind evaluates
 (``evaluate_after_fit``: the translation model's BLEU).
 """
 
-import math
 import sys
+
+# first: Ctrl-C while the libraries below load ends in one line (training/errors.py)
+from training.errors import exit_code  # isort: split
+
+import math
 from dataclasses import asdict
 from functools import partial
 from typing import Literal
@@ -39,10 +43,9 @@ from model.checkpoint import MODELS
 from model.device import device_info
 from model.optim import build_optimizer
 from training.callbacks import EMA  # noqa: F401 (run configs written before training/ name it)
-from training.checkpointing import Interrupted
 from training.cli import CLI, ModelKind, build_cli
-from training.errors import exit_code
 from training.evaluation import final_bleu, log_samples, log_val_bleu
+from training.optimization import check_optimization, lower_lr_advice, take_settings
 
 # ------------------------------------------------------------------------------------------------
 # The learning-rate schedule
@@ -112,6 +115,7 @@ class TrainModule(L.LightningModule):
         super().__init__()
         # the __init__ arguments of the chain of subclasses but config become self.hparams
         self.save_hyperparameters(ignore=["config"], logger=False)
+        check_optimization(self.hparams)
         # the model from its config: a dataclass, or a dict (a checkpoint's hyperparameters). The
         # hyperparameters keep it as a plain dict, so that checkpoints load without our classes
         model_class, config_class = MODELS[self.kind]
@@ -155,6 +159,9 @@ class TrainModule(L.LightningModule):
             muon_momentum=hp.muon_momentum, muon_ns_steps=hp.muon_ns_steps,
             ns_dtype=torch.bfloat16 if bf16 else torch.float32,
             fused=self.device.type in ("cuda", "cpu") and not mixed)
+        # this command's settings of each group, which a resumed run takes (on_train_start)
+        self._group_settings = [{k: v for k, v in group.items() if k != "params"}
+                                for group in optimizer.param_groups]
         # one schedule for every group: each group's own peak lr times the same multiplier. (A
         # lambda, not a bound method: LambdaLR would save a method's object in its state.)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
@@ -163,6 +170,10 @@ class TrainModule(L.LightningModule):
             optimizer, lambda step: schedule(step, time_progress=self.time_progress(step, timer)))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self):
+        if self.trainer.ckpt_path is not None:  # resumed: this command's optimizer settings
+            take_settings(self.lr_schedulers(), self._group_settings)
 
     def time_budget(self) -> Timer | None:
         """Lightning's Timer of ``--trainer.max_time``, which stops training when the time is up
@@ -189,13 +200,9 @@ class TrainModule(L.LightningModule):
         """The loss, or NonFiniteLoss before it reaches the weights (the last checkpoint stays the
         last good one)."""
         if not torch.isfinite(loss):
-            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
-            where = (f"{last} is the last good checkpoint: resume from it" if last
-                     else "no checkpoint yet: start again")
             raise NonFiniteLoss(f"the training loss is {loss.item()} at step {self.global_step}; "
-                                f"training stopped before it changed the weights. {where} with a "
-                                f"lower --model.lr, --trainer.gradient_clip_val, or 32-true "
-                                f"precision")
+                                f"training stopped before it changed the weights. "
+                                f"{lower_lr_advice(self.hparams, self.trainer, self.run_info)}")
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -386,13 +393,9 @@ def main(args: list[str] | None = None, run: bool = True) -> CLI:
 
 
 def cli(args: list[str] | None = None) -> int:
-    """``main`` as a command: bad input ends in one line (training/errors.py), Ctrl-C and SIGTERM
-    in a message and the exit status of a signalled process, after saving a checkpoint."""
-    try:
-        return exit_code(lambda: main(args))
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 128 + e.signum
+    """``main`` as a command: bad input, a full disk, Ctrl-C or SIGTERM (after saving a checkpoint)
+    end in one line and an exit status (training/errors.py)."""
+    return exit_code(lambda: main(args))
 
 
 if __name__ == "__main__":

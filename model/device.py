@@ -80,6 +80,16 @@ def slow_precision_warning(info: DeviceInfo, precision: str) -> str | None:
     return None
 
 
+def unsupported_precision(info: DeviceInfo, precision: str) -> str | None:
+    """Why ``precision`` cannot run as asked on this device, where Lightning would run another one
+    without saying so; None where it can."""
+    if info.type == "cpu" and str(precision) in ("16-mixed", "16"):
+        return (f"--trainer.precision {precision}: a CPU has no fp16 autocast (Lightning would "
+                f"train in bf16-mixed instead); use --trainer.precision auto (what this CPU runs "
+                f"fastest) or name the precision to run, e.g. 32-true or bf16-mixed")
+    return None
+
+
 def resolve_device(accelerator: str | None = "auto") -> str:
     """A Lightning accelerator name ("auto", "gpu", "cuda", "mps", "cpu") as a device type, picking
     cuda, then mps, then cpu for "auto"."""

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code, one_line  # isort: split
 
 import yaml
 
 from scripts import compare_runs
-from training.errors import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "experiments" / "studies"
@@ -112,10 +113,12 @@ def merged_config(args: list[str], subcommand: str = "fit") -> str:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             train.main([subcommand, *args, "--print_config"])
-    except SystemExit as e:
+    except SystemExit as e:  # --print_config exits 0
         if e.code not in (0, None):
             lines = err.getvalue().strip().splitlines() or [f"exit status {e.code}"]
             raise UsageError(lines[-1].removeprefix("error: ")) from None
+    except argparse.ArgumentError as e:  # train.py's parse errors raise (training/cli.py)
+        raise UsageError(one_line(e)) from None
     return out.getvalue()
 
 

@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import exit_code  # isort: split
 
 import torch
 
 from model import ATTENTION_KERNELS
 from scripts._common import add_device_argument, pick_device
-from training.errors import exit_code
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 import torch
 import yaml
@@ -35,7 +37,6 @@ from model import ATTENTION_KERNELS, GPT, GPTConfig, KVCache
 from model.checkpoint import load_gpt_checkpoint
 from model.device import choose_attn_impl, device_info
 from scripts._common import add_device_argument, pick_device
-from training.errors import UsageError, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 import torch
 
@@ -29,7 +31,6 @@ from model import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer
 from model.device import device_info
 from model.optim import build_optimizer, hidden_matrices
 from scripts._common import add_device_argument, pick_device
-from training.errors import UsageError, exit_code
 from training.memory import keep_freed_memory
 
 

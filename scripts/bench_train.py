@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import exit_code  # isort: split
 
 import lightning as L
 import torch
@@ -34,7 +36,6 @@ import train
 from model.device import device_info
 from scripts._common import add_device_argument, pick_device
 from training.cli import model_kind
-from training.errors import exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true",

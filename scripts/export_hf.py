@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 from model.checkpoint import load_gpt_checkpoint
 from model.hf_gpt2 import save_hf
-from training.errors import UsageError, exit_code
 
 
 def parse_args(argv=None):

@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 import torch
 
 from model import beam_search, capture_attention, greedy_search
 from model.checkpoint import load_checkpoint
 from scripts._common import add_device_argument, pick_device
-from training.errors import UsageError, exit_code
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:

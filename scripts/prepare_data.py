@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import exit_code  # isort: split
 
 from data.corpus import prepare_corpus
-from training.errors import exit_code
 
 
 def parse_args(argv=None):

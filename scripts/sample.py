@@ -8,11 +8,12 @@
 The checkpoint alone is enough: it holds the model's config and its tokenizer. ``--init-from``
 takes the published GPT-2 weights instead (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``:
 downloaded once, with ``pip install -e '.[hf]'``), or a Hugging Face GPT-2 folder (as
-scripts/export_hf.py writes). Without a prompt,
-generation starts from the tokenizer's start token (a newline for characters, <|endoftext|> for
-GPT-2). Sample i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's
-block_size, a model with learned positions crops the context to its last half; one with rotary
-positions rolls its KV cache and reads a prompt of any length (see GPT._decode).
+scripts/export_hf.py writes). Without a prompt, generation starts from the tokenizer's start
+token (a newline for characters, <|endoftext|> for GPT-2), which the output leaves out; an empty
+prompt, or an empty prompt file, is refused (an unset shell variable, or the wrong file). Sample
+i is drawn with seed --seed + i, so it is the same streamed or not. Past the model's block_size, a
+model with learned positions crops the context to its last half; one with rotary positions rolls
+its KV cache and reads a prompt of any length (see GPT._decode).
 """
 
 import argparse
@@ -21,13 +22,14 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 import torch
 
 from model.checkpoint import load_checkpoint, load_model
 from model.sampling import check_sampling_args
 from scripts._common import add_device_argument, pick_device
-from training.errors import UsageError, exit_code
 
 
 def prompt_ids(tokenizer, prompt: str | None, block_size: int | None) -> list[int]:
@@ -75,7 +77,10 @@ def parse_args(argv=None):
                         help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 "
                              "folder (or a checkpoint, as --ckpt)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--prompt", default=None, help="text to continue")
+    group.add_argument("--prompt", default=None,
+                       help="text to continue (not empty); without it, generation starts from the "
+                            "tokenizer's start token (a newline for characters, <|endoftext|> for "
+                            "GPT-2), which is not printed")
     group.add_argument("--prompt-file", default=None, help="file whose text to continue")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=500)
@@ -103,6 +108,11 @@ def main(argv=None):
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the prompt file: {e}") from None
+    if prompt == "":
+        given = f"--prompt-file {args.prompt_file} is empty" if args.prompt_file \
+            else "--prompt is empty"
+        raise UsageError(f"{given}: give text to continue, or leave the prompt out to start from "
+                         f"the tokenizer's start token")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     source = args.ckpt or args.init_from
     load = load_checkpoint if args.ckpt else load_model  # --ckpt: one of ours, nothing else

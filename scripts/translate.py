@@ -8,7 +8,9 @@
 
 The checkpoint alone is enough: it holds the model's config and its BPE vocabulary. Beam search
 (default beam 4, GNMT length penalty 0.6); --beam 1 is greedy. --eval prints the standard cased
-sacreBLEU and the lowercased one, on detokenized text. Files may be gzipped.
+sacreBLEU and the lowercased one, on detokenized text. Files may be gzipped. A blank --text (empty,
+or spaces only) is refused; a blank line of the input (--file, stdin, --eval's SRC) is translated
+as a blank line, and stderr names it; input of blank lines only is refused.
 """
 
 import argparse
@@ -18,11 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
+# first: Ctrl-C while the libraries below load ends in one line
+from training.errors import UsageError, exit_code  # isort: split
 
 from model.checkpoint import load_seq2seq_checkpoint
 from model.translate import bleu, bleu_signature, translate
 from scripts._common import add_device_argument, pick_device
-from training.errors import UsageError, exit_code
 
 
 def read_lines(path: str) -> list[str]:
@@ -32,6 +35,25 @@ def read_lines(path: str) -> list[str]:
             return [line.rstrip("\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def blank_lines_stay_blank(lines: list[str], source: str) -> list[str]:
+    """Lines to translate, one output line each: a blank line (empty, or spaces only, which the
+    model would otherwise translate into a made-up sentence) is left blank in the output, so that
+    line i of the output is still line i's translation, and stderr says which lines were blank.
+    Nothing but blank lines is refused."""
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if not lines:
+        raise UsageError(f"{source} is empty: give one sentence to translate per line")
+    if len(blank) == len(lines):
+        raise UsageError(f"{source} has no text to translate (every line is blank): "
+                         "give one sentence per line")
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+        print(f"line{'s' if len(blank) > 1 else ''} {shown} of {source} "
+              f"{'are' if len(blank) > 1 else 'is'} blank: left blank in the output",
+              file=sys.stderr)
+    return [line if line.strip() else "" for line in lines]
 
 
 def parse_args(argv=None):
@@ -60,17 +82,22 @@ def main(argv=None):
     args.device = pick_device(args.device)
     if args.output and not args.eval:
         raise UsageError("--output goes with --eval; otherwise redirect the standard output")
-    model, tokenizer = load_seq2seq_checkpoint(args.ckpt, args.device)
 
     if args.eval:
         sources, references = map(read_lines, args.eval)
         if len(sources) != len(references):
             raise UsageError(f"{args.eval[0]} has {len(sources)} lines but {args.eval[1]} has "
                                  f"{len(references)}: the files must be aligned line by line")
+        sources = blank_lines_stay_blank(sources, args.eval[0])
     elif args.text is not None:
+        if not args.text.strip():
+            raise UsageError("--text is blank: give the sentence to translate, e.g. --text "
+                             "\"Ein Hund rennt.\"")
         sources = [args.text]
     else:
         sources = read_lines(args.file) if args.file else [line.rstrip("\n") for line in sys.stdin]
+        sources = blank_lines_stay_blank(sources, args.file or "the standard input")
+    model, tokenizer = load_seq2seq_checkpoint(args.ckpt, args.device)  # after the input's checks
 
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, sources, args.beam, args.length_penalty,

@@ -128,3 +128,76 @@ def test_a_study_variant_train_py_refuses_is_named_before_any_run_trains(tmp_pat
     with pytest.raises(UsageError, match=r"refuses the bad variant of .*typo.yaml: .*--model.lrr"):
         ablate.main([str(path), "--out", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()  # the good variant did not train first
+
+
+def test_make_install_takes_pytorchs_cpu_index_only_with_no_nvidia_gpu_and_where_it_answers(
+        tmp_path, monkeypatch):
+    """`make install`'s PyTorch step (scripts/_install_torch.py) decides without a network or a GPU
+    here: a fake `nvidia-smi` on PATH, a local server standing in for PyTorch's CPU index."""
+    import http.server
+    import sys
+    import threading
+
+    from scripts import _install_torch as install
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200 if self.path == "/whl/cpu/torch/" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_port}"
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    gpu, no_gpu, gpu_gone = (tmp_path / name for name in ("gpu", "no_gpu", "gpu_gone"))
+    for folder, script in ((gpu, "echo 'GPU 0: NVIDIA H200 (UUID: GPU-1)'"),
+                           (gpu_gone, "echo 'No devices were found'; exit 6"), (no_gpu, None)):
+        folder.mkdir()
+        if script:
+            (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{script}\n")
+            (folder / "nvidia-smi").chmod(0o755)
+    monkeypatch.setattr(sys, "platform", "linux")
+
+    def choose(path, index_url, index="auto", torch=("torch==2.13.0",)):
+        monkeypatch.setenv("PATH", str(path))
+        monkeypatch.setattr(install, "CPU_INDEX", index_url)
+        return install.choose(index, list(torch))
+
+    try:
+        cpu = f"{host}/whl/cpu"
+        assert choose(no_gpu, cpu) == (["--index-url", cpu],
+                                       f"PyTorch: CPU build from {cpu} (no NVIDIA GPU)")
+        assert choose(gpu_gone, cpu)[0] == ["--index-url", cpu]
+        assert choose(gpu, cpu) == ([], "PyTorch: default build (NVIDIA GPU found)")
+        args, line = choose(no_gpu, f"{host}/whl/gone")  # answers, but has no torch
+        assert args == [] and line.endswith(f"{host[7:]}/whl/gone not reachable)")
+        assert choose(no_gpu, cpu, index="") == ([], "PyTorch: from the package index "
+                                                     "(TORCH_INDEX is empty)")
+        assert choose(gpu, cpu, index="https://mirror/t")[0] == ["--index-url", "https://mirror/t"]
+        assert choose(no_gpu, cpu, torch=["torch", "-i", "https://mirror/t"])[0] == []
+        monkeypatch.setattr(sys, "platform", "darwin")  # PyPI's macOS wheels carry no CUDA
+        assert choose(no_gpu, cpu) == ([], "PyTorch: default build from the package index (darwin)")
+        monkeypatch.setattr(sys, "platform", "linux")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "not reachable" in choose(no_gpu, cpu)[1]  # nothing listening there now
+    # the Makefile's command line, with TORCH_INDEX= (so the same on any platform): one line, then
+    # pip's command with the configured index, the pin as given
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "_install_torch.py"),
+                             "--dry-run", "--index=", "torch==2.13.0"], capture_output=True,
+                            text=True, check=True, timeout=30)
+    assert result.stdout.splitlines() == ["PyTorch: from the package index (TORCH_INDEX is empty)",
+                                          f"{sys.executable} -m pip install torch==2.13.0"]
+
+
+def test_every_case_of_the_bad_input_sweep_runs_a_command_that_exists():
+    sweep = yaml.safe_load((REPO / "experiments" / "sweeps" / "bad_input.yaml").read_text())
+    cases = [*sweep["cases"].values(), *(run["command"] for run in sweep["runs"].values())]
+    assert len(cases) >= 50
+    for case in cases:
+        assert case[0] == "train" or (REPO / case[0]).is_file(), case

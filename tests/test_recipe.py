@@ -267,7 +267,7 @@ def test_muon_ns_steps_reaches_the_optimizer_and_zero_is_refused(text_file, tmp_
     assert [g["ns_steps"] for g in muon["param_groups"]] == [3]
     assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
                         "--model.muon_ns_steps", "0")) == 1
-    assert "muon_ns_steps must be 1 or more" in capsys.readouterr().err
+    assert "--model.muon_ns_steps 0: give 1 or more" in capsys.readouterr().err
 
 
 def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caplog):

@@ -73,21 +73,21 @@ def test_two_runs_in_a_row_get_their_own_folders_and_wandb_runs(text_file, tmp_p
     again = compare_runs.read_wandb_offline(next((second / "wandb").glob("offline-run-*")))
     assert again.name == "my run" and again.config["run.tags"] == '["a", "b"]'
 
-    # compare_runs: the differing settings, then the metrics, and a PNG; a folder without metrics is
-    # skipped
-    (tmp_path / "mini-gpt" / "stopped-early" / "wandb").mkdir(parents=True)
+    # compare_runs: each run labelled by the settings that differ (the first's default name is
+    # long), then the metrics, and a PNG; a folder without metrics is skipped, and named
+    stopped = tmp_path / "mini-gpt" / "stopped-early"
+    (stopped / "wandb").mkdir(parents=True)
     png = tmp_path / "compare.png"
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(first),
-                          str(tmp_path / "mini-gpt" / "stopped-early"), str(second), "--plot", str(png)],
+                          str(stopped), str(second), "--plot", str(png)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "skipping" in out.stderr and "stopped-early has no metrics.csv" in out.stderr
+    assert f"skipped {stopped}: no metrics.csv and no offline wandb run" in out.stderr
     header, _, row1, row2, *_ = out.stdout.splitlines()
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert "model.lr" in columns and "run.tags" in columns and "best val/loss" in columns
-    assert "model.config.n_layer" not in columns  # the same in both runs
-    lr = columns.index("model.lr")
-    assert [[c.strip() for c in r.strip("|").split("|")][lr] for r in (row1, row2)] == ["0.002", "0.003"]
+    assert columns[:2] == ["run", "last step"] and "best val/loss" in columns
+    labels = [r.strip("|").split("|")[0].strip() for r in (row1, row2)]
+    assert labels == ["model.lr=0.002, run.tags=-", 'model.lr=0.003, run.tags=["a", "b"]']
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -137,11 +137,28 @@ def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_pat
     assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 25
     val = {int(r["step"]): float(r["val/wall_time_s"]) for r in rows if r["val/wall_time_s"]}
     assert sorted(val) == [9, 19, 29] and val[29] > val[19] > val[9]  # wall time goes on from the checkpoint
+    val_loss = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
 
-    ids = {wandb_id(p) for p in (folder / "wandb").glob("offline-run-*")}
-    assert len(list((folder / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # the same wandb run id
-    resumed = compare_runs.read_wandb_offline(sorted((folder / "wandb").glob("offline-run-*"))[-1])
+    offline = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and len({wandb_id(p) for p in offline}) == 1  # the same wandb run id
+    resumed = compare_runs.read_wandb_offline(offline[-1])
     assert sorted(resumed.history["val/loss"]) == [29]
+
+    # compare_runs: the folder, and its two offline wandb runs, are each one run, with the
+    # settings of its last start
+    for given in ([folder], offline[::-1]):
+        run, = compare_runs.load_runs([str(p) for p in given])
+        assert sorted(run.history["val/loss"]) == [9, 19, 29], given
+        assert run.history["val/loss"][29] == pytest.approx(val_loss[29])
+        assert run.config["trainer.max_steps"] == 30
+        assert run.config["run_id"] == wandb_id(offline[0])
+
+    # the .wandb file of a run still writing, cut anywhere, reads up to its last whole record
+    data = next(offline[-1].glob("*.wandb")).read_bytes()
+    cut = tmp_path / "cut.wandb"
+    for size in range(8, len(data), len(data) // 50):
+        cut.write_bytes(data[:size])
+        assert set(compare_runs.read_wandb_offline(cut).history.get("val/loss", {})) <= {29}
 
 
 def test_a_two_process_run_logs_into_one_run_folder(text_file, tmp_path):
@@ -167,7 +184,7 @@ def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
 def test_compare_runs_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         compare_runs.main([str(tmp_path / "nope")])
-    with pytest.raises(ValueError, match="none of the folders holds metrics"):
+    with pytest.raises(ValueError, match="no run given has metrics to compare yet"):
         compare_runs.main([str(tmp_path)])
     with pytest.raises(ValueError, match="give run folders to compare"):
         compare_runs.main([])

@@ -214,3 +214,48 @@ def test_keep_freed_memory_serves_big_tensors_from_the_heap_unless_the_user_set_
     assert run() == ["True", "True", "False"]  # mapped afresh at each step, then not
     # a threshold of the user's own wins: left as it is (here, mapping from 32 MiB up)
     assert run(MALLOC_MMAP_THRESHOLD_=str(32 << 20)) == ["True", "False", "True"]
+
+
+def test_translate_refuses_blank_input_and_leaves_the_blank_lines_of_a_file_blank(checkpoints,
+                                                                                  tmp_path, capsys):
+    from scripts import translate
+
+    args = ["--ckpt", str(checkpoints["seq2seq"]), "--beam", "1", "--device", "cpu"]
+    for text in ("", "   "):  # spaces alone would come out as a made-up sentence
+        assert exit_code(lambda text=text: translate.main([*args, "--text", text])) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --text is blank: give the sentence")
+
+    # line i out is line i's translation: a blank line in, a blank line out, and stderr says so
+    lines = ["the cat sat on a mat", "", "   ", "a dog ran under the tree"]
+    source = tmp_path / "source.txt"
+    source.write_text("\n".join(lines) + "\n")
+    alone = []
+    for text in (lines[0], lines[3]):
+        translate.main([*args, "--text", text])
+        alone.append(capsys.readouterr().out.removesuffix("\n"))
+    assert exit_code(lambda: translate.main([*args, "--file", str(source)])) == 0
+    out, err = capsys.readouterr()
+    assert out.split("\n") == [alone[0], "", "", alone[1], ""]
+    assert err == f"lines 2, 3 of {source} are blank: left blank in the output\n"
+
+    source.write_text("\n  \n")  # nothing to translate
+    assert exit_code(lambda: translate.main([*args, "--file", str(source)])) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {source} has no text to translate (every line is blank): give one sentence per "
+        "line"]
+
+
+def test_sample_refuses_an_empty_prompt_which_leaving_it_out_means(checkpoints, tmp_path,
+                                                                      capsys):
+    from scripts import sample
+
+    args = ["--ckpt", str(checkpoints["gpt"]), "--max-new-tokens", "12", "--device", "cpu"]
+    (tmp_path / "empty.txt").write_text("")
+    for empty, named in ((["--prompt", ""], "--prompt is empty"),
+                         (["--prompt-file", str(tmp_path / "empty.txt")], "is empty")):
+        assert sample.exit_code(lambda e=empty: sample.main([*args, *e])) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and named in err
+    sample.main(args)  # without a prompt: from the start token
+    assert len(capsys.readouterr().out) > 12

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
+from .errors import UsageError
 from .run_state import RunState
 
 
@@ -45,9 +46,20 @@ class Throughput(ThroughputMonitor):
     """
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 50):
+        if window_size < 2:  # (a rate needs two points in time)
+            raise UsageError(f"--throughput.window_size {window_size}: give 2 or more batches")
+        if peak_flops is not None and not peak_flops > 0:
+            raise UsageError(f"--throughput.peak_flops {peak_flops}: give the device's peak FLOP/s "
+                             f"(above 0), or null to take it from Lightning's table")
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size,
                          length_fn=lambda batch: batch[0].numel())
         self.peak_flops = peak_flops
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs):
+        # timed (the training clock leaves validations out), not logged: Lightning logs it at the
+        # count of validation batches, which metrics.csv and wandb would read as training steps
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self._update(trainer, pl_module, batch, iter_num=0)  # (iter_num: unused)
 
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
@@ -84,9 +96,9 @@ class TargetLoss(L.Callback):
         self.reached = {"step": trainer.global_step, "wall_time_s": wall, "train_time_s": train,
                         "val_loss": loss}
         rank_zero_info(f"\n{self.summary()}")
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # at the validation's step, as the loggers number it
             logger.log_metrics({f"target/{key}": value for key, value in self.reached.items()},
-                               step=trainer.global_step)
+                               step=trainer.global_step - 1)
 
     def summary(self) -> str:
         if self.reached is None:

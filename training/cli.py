@@ -6,6 +6,7 @@ Reading order: the Trainer with ``auto`` precision; a model kind; the CLI (optio
 checks of a resume or warm start, the run's Trainer, running and finishing); building it.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -16,9 +17,12 @@ from typing import Literal
 import lightning as L
 import yaml
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
 
 from model import GPTConfig
@@ -30,14 +34,17 @@ from model.device import (
     device_info,
     resolve_device,
     slow_precision_warning,
+    unsupported_precision,
 )
 
 from . import resume
 from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
+from .console import ModelSummary, quiet_libraries
+from .errors import UsageError
 from .memory import keep_freed_memory
 from .run_state import RunState
-from .runs import RunConfig, SaveRunConfig, finish_loggers, run_loggers
+from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers
 
 
 def accelerator_device(accelerator) -> DeviceInfo:
@@ -85,12 +92,19 @@ def model_kind(args: list[str], kinds: dict[str, ModelKind]) -> str:
             value = args[i + 1] if i + 1 < len(args) else ""
         if flag == "--config" and Path(value).is_file():
             with open(value) as f:
-                config = yaml.safe_load(f)
+                try:
+                    config = yaml.safe_load(f)
+                except yaml.YAMLError as e:
+                    mark = getattr(e, "problem_mark", None)
+                    where = f", line {mark.line + 1}" if mark else ""
+                    problem = getattr(e, "problem", None) or str(e)
+                    raise UsageError(f"--config {value}{where}: not valid YAML ({problem})") \
+                        from None
             kind = config.get("kind", kind) if isinstance(config, dict) else kind
         elif flag == "--kind" and value:
             kind = value
     if kind not in kinds:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(kinds)}")
+        raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(kinds)}")
     return kind
 
 
@@ -137,6 +151,11 @@ class CLI(LightningCLI):
         parser.add_argument("--target_loss", type=float | None, default=None,
                             help="report the step and time at which val/loss first reaches this "
                                  "(training.callbacks.TargetLoss)")
+        # --help: this project's options (model, data, run, checkpoint ...) before Lightning's
+        # Trainer's, which are many
+        groups = parser._action_groups
+        trainer = [group for group in groups if group.title and "Trainer" in group.title]
+        parser._action_groups = [g for g in groups if g not in trainer] + trainer
 
     def _subconfig(self, config):
         return config[self.subcommand] if self.subcommand else config
@@ -147,7 +166,10 @@ class CLI(LightningCLI):
         choice, not ``auto``."""
         config = self._subconfig(self.config)
         trainer, model_config = config.trainer, config.model.config
+        check_length(trainer)
         info = accelerator_device(trainer.accelerator)
+        if (why := unsupported_precision(info, trainer.precision)) is not None:
+            raise UsageError(why)
         resolved = []
         if trainer.precision == "auto":
             trainer.precision = choose_precision(info)
@@ -184,13 +206,16 @@ class CLI(LightningCLI):
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)
         ours = model.as_dict()
-        resume.check_resume_options(ckpt_path, ours, self._checkpoint["hyper_parameters"],
-                                    self.model_kind.seq_len_option)
+        retuned = resume.check_resume_options(ckpt_path, ours, self._checkpoint["hyper_parameters"],
+                                              self.model_kind.seq_len_option)
         super()._parse_ckpt_path()  # sets the model options to the checkpoint's...
         flat_ours = resume.flat(ours)
-        for key in resume.RESUME_MAY_CHANGE:  # ... but these are how the run computes: ours win
-            if key in flat_ours:  # (Lightning's parse made a new self.config)
+        for key in (*resume.RESUME_MAY_CHANGE, *resume.RESUME_MAY_RETUNE):  # ... but ours win
+            if key in flat_ours:  # for these (Lightning's parse made a new self.config)
                 self.config[subcommand].model[key] = flat_ours[key]
+        if retuned:  # (the run's config-resume-N.yaml records them)
+            rank_zero_info(f"Resuming with other optimizer settings than the checkpoint's: "
+                           f"{', '.join(retuned)}")
 
     def _take_architecture(self, model, source: str) -> dict | None:
         """A warm start's model options take the architecture of ``source``
@@ -225,10 +250,10 @@ class CLI(LightningCLI):
             resume.check_warm_start_tokenizer(self.model.hparams.init_from, tokenizer,
                                               self._init_tokenizer,
                                               self.model.model.config.vocab_size)
-        if self._checkpoint is None and run_dir.exists() and not self.launcher_run_id:
-            raise ValueError(f"the run folder {run_dir} exists already: choose another --run.id, "
-                             f"or resume that run with --ckpt_path {run_dir}/checkpoints/last.ckpt")
-        # the folder itself is made when training sets up (SaveRunConfig), so that bad input
+        self.lock = RunFolderLock(run_dir)
+        if not self.launcher_run_id:  # (the launcher of a multi-process run holds its lock)
+            self.lock.check(new=resumed is None)
+        # the folder itself is made when the run starts (_run_subcommand), so that bad input
         # leaves none behind
         self.run_dir, self.resumed = run_dir, resumed is not None
         self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
@@ -246,17 +271,27 @@ class CLI(LightningCLI):
         callbacks = [*_as_list(config.trainer.get("callbacks")), RunState()]
         if config.get("target_loss") is not None:
             callbacks.append(TargetLoss(config.target_loss))
+        if config.trainer.get("enable_model_summary") is not False and \
+                not any(isinstance(callback, LightningModelSummary) for callback in callbacks):
+            callbacks.append(ModelSummary())
         if config.trainer.get("enable_progress_bar") is not False and \
                 not any(isinstance(callback, ProgressBar) for callback in callbacks):
             # the bar redraws when the loggers write, not at every step (a redraw costs ~1 ms)
             callbacks.append(TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
-        return super().instantiate_trainer(**{**kwargs, "logger": loggers, "plugins": plugins,
-                                              "callbacks": callbacks})
+        try:
+            return super().instantiate_trainer(**{**kwargs, "logger": loggers,
+                                                  "plugins": plugins, "callbacks": callbacks})
+        except MisconfigurationException as e:  # Lightning's checks of the Trainer's options
+            raise UsageError(f"--trainer: {e}") from None
 
     def _run_subcommand(self, subcommand):
         # The worker processes of a multi-process run start from the command line again and take
         # this run's id from the environment (build_cli): set for as long as the run lasts only,
         # so that a later CLI in this process (or one built without running) starts its own run.
+        if not self.launcher_run_id and self.trainer.is_global_zero:  # one writer per run
+            note = self.lock.claim(new=not self.resumed)
+            if note:
+                rank_zero_info(note)
         os.environ["MINIGPT_RUN_ID"] = self.model.run_info["id"]
         try:
             source = self.model.hparams.get("init_from")
@@ -268,13 +303,17 @@ class CLI(LightningCLI):
                                f"({self.model.model.num_params(non_embedding=False) / 1e6:.1f}M "
                                f"parameters)")
             super()._run_subcommand(subcommand)
-        except BaseException:  # interrupted, or failed: close the wandb run as failed
-            self.finish_run(exit_code=1)  # (a resume reopens it)
+        except BaseException as e:  # interrupted, or failed: close the wandb run as failed
+            with contextlib.suppress(Exception):  # (a full disk, say: the first error is the one
+                self.finish_run(exit_code=1)  # to report); a resume reopens the wandb run
             if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed start leaves no folder
+            if isinstance(e, SystemExit) and self.trainer.state.status == TrainerStatus.INTERRUPTED:
+                raise KeyboardInterrupt from None  # Lightning's exit(1) on Ctrl-C: ours is 130
             raise
         finally:
             os.environ.pop("MINIGPT_RUN_ID", None)
+            self.lock.release()
 
     def after_fit(self):
         ckpt = self.trainer.checkpoint_callback
@@ -297,6 +336,25 @@ class CLI(LightningCLI):
         finish_loggers(self.trainer.loggers, exit_code, rank_zero=self.trainer.is_global_zero)
 
 
+def check_length(trainer) -> None:
+    """A run that would train no step, or whose steps, validations or logs Lightning would count
+    wrong, ends the start."""
+    if trainer.max_steps == 0 or trainer.limit_train_batches in (0, 0.0):
+        option = "max_steps" if trainer.max_steps == 0 else "limit_train_batches"
+        raise UsageError(f"--trainer.{option} 0 trains nothing: give a number of steps (or "
+                         f"batches) of 1 or more")
+    if trainer.max_steps is not None and trainer.max_steps < -1:
+        raise UsageError(f"--trainer.max_steps {trainer.max_steps}: give a number of steps of 1 "
+                         f"or more, or -1 to train until --trainer.max_time")
+    interval = trainer.val_check_interval
+    if interval is not None and not isinstance(interval, bool) and interval <= 0:
+        raise UsageError(f"--trainer.val_check_interval {interval}: give the training steps "
+                         f"between validations (1 or more)")
+    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
+        raise UsageError(f"--trainer.log_every_n_steps {trainer.log_every_n_steps}: give the "
+                         f"steps between logged training metrics (1 or more)")
+
+
 TRAINER_DEFAULTS = {
     "max_steps": 5000,
     "val_check_interval": 250,  # training batches between validations
@@ -310,8 +368,16 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
     """The CLI for ``args`` (default: the command line), of the kind they ask for. ``run=False``
     builds the model, data module and Trainer without training (``args`` then has no ``fit``)."""
     kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]
+    quiet_libraries()  # the project's lines and Lightning's progress, not library noise
     keep_freed_memory()  # big CPU tensors reused, not paged in at every step (training/memory.py)
+    # parse errors raise, for one line (training/errors.py), rather than print the usage and exit;
+    # the optimizer is the model's own (--model.optimizer): no Lightning --optimizer to bypass it
+    no_exit = {"exit_on_error": False}
+    usage = ("%(prog)s [--config FILE] [--model.* ...] [--data.* ...] [--run.* ...] "
+             "[--checkpoint.* ...] [--trainer.* ...] [--ckpt_path CKPT]")
+    parser_kwargs = {**no_exit, **{name: {**no_exit, "usage": usage} for name in CLI.subcommands()}}
     return CLI(kind, kind_names=tuple(kinds), trainer_class=Trainer, seed_everything_default=1337,
                run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
+               parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
                save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False},
                launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None))

@@ -1,28 +1,94 @@
-"""Bad input ending in one line, ``error: ...``, and exit status 1 instead of a traceback: for
-train.py and every script.
+"""One handler for how train.py and every script end: bad input, storage that cannot be written,
+Ctrl-C and signals each end in one line and a non-zero exit status, never a traceback.
 
-A command's ``main`` raises ``ValueError`` (``UsageError``, ``CheckpointError``,
-``DataSourceError`` ... are ones) or ``FileNotFoundError`` with a message that says what was wrong
-and how to fix it; ``sys.exit(exit_code(main))`` turns that into the line. ``MINIGPT_TRACEBACK=1``
-shows the traceback instead, for bug reports.
+A command's ``main`` raises, with a message that says what was wrong and how to fix it:
+
+- ``ValueError`` (``UsageError``, ``CheckpointError``, ``DataSourceError`` ... are ones), or an
+  argument parser's ``ArgumentError``: ``error: ...``, exit status 1;
+- ``OSError`` (a missing file, a read-only folder, a full disk): the file and the reason, exit 1;
+- ``Stopped`` (a run that stopped on a signal after saving a checkpoint): its message, exit
+  128 + the signal's number;
+- ``KeyboardInterrupt`` (Ctrl-C anywhere else): exit 130.
+
+``sys.exit(exit_code(main))`` turns each into its line. ``MINIGPT_TRACEBACK=1`` shows the traceback
+instead, for bug reports. Any other exception is a bug and keeps its traceback.
+
+Importing this module also makes Ctrl-C while a command's libraries load (seconds, before ``main``
+runs) end in one line, so entry points import it first. It imports only the standard library.
 """
 
+import argparse
+import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
+
+CTRL_C_STATUS = 128 + signal.SIGINT  # what a shell reports for a process stopped by Ctrl-C
 
 
 class UsageError(ValueError):
     """Bad input to a command, with a message that says what to do."""
 
 
+class Stopped(Exception):
+    """A command stopped on a signal, having saved what it needs (its message says where)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# what to do about storage that cannot be written, by errno
+_STORAGE_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission: make it writable, or write elsewhere",
+    errno.EPERM: "no permission: make it writable, or write elsewhere",
+    errno.ENOTDIR: "a file stands where a folder should be: give a folder",
+    errno.EISDIR: "a folder stands where a file should be: give a file",
+}
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (argument parsers and YAML spread theirs over
+    several)."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) \
+            and error.errno in _STORAGE_ADVICE and len(error.args) == 2:  # the OS's own error
+        where = f"cannot write {error.filename}" if error.filename else "cannot write"
+        message = f"{where}: {error.strerror}; {_STORAGE_ADVICE[error.errno]}"
+    elif isinstance(error, argparse.ArgumentError):
+        message = f"{error.message} (--help lists the options)"
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def exit_code(main: Callable[[], object]) -> int:
-    """The exit status of ``main()``: 0, or 1 after printing the message of a bad-input error."""
+    """The exit status of ``main()``: 0, or that of one of the errors above, after printing its
+    line."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        return CTRL_C_STATUS
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, OSError, argparse.ArgumentError) as e:
         if os.environ.get("MINIGPT_TRACEBACK"):
             raise
-        print(f"error: {e}\n(set MINIGPT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ctrl_c_while_loading(kind, value, traceback):
+    if issubclass(kind, KeyboardInterrupt):  # before main(): nothing to save or clean up
+        print("stopped by Ctrl-C", file=sys.stderr, flush=True)
+        os._exit(CTRL_C_STATUS)
+    sys.__excepthook__(kind, value, traceback)
+
+
+sys.excepthook = _ctrl_c_while_loading

@@ -2,9 +2,9 @@
 one-line messages when they may not.
 
 Resuming (``--ckpt_path``) continues a run: its model and training options are the checkpoint's,
-except ``RESUME_MAY_CHANGE``. A warm start (``--model.init_from``) begins a new run from a
-source's weights: the architecture and the tokenizer are the source's, except
-``WARM_START_MAY_CHANGE``.
+except ``RESUME_MAY_CHANGE`` and the optimizer's settings, ``RESUME_MAY_RETUNE``. A warm start
+(``--model.init_from``) begins a new run from a source's weights: the architecture and the
+tokenizer are the source's, except ``WARM_START_MAY_CHANGE``.
 """
 
 from pathlib import Path
@@ -12,6 +12,12 @@ from pathlib import Path
 # Model options a resumed run may change: the attention path and compiling change how it computes,
 # not what. Any other model option that differs from the checkpoint's ends the start with a message.
 RESUME_MAY_CHANGE = ("config.attn_impl", "compile")
+# Optimizer and schedule settings a resumed run may change, e.g. a lower lr after a loss that went
+# NaN: the optimizer's state (its moments) is the checkpoint's, its settings the command's
+# (``TrainModule.on_train_start``). Not the optimizer itself, nor which parameters decay: those
+# change the state's layout.
+RESUME_MAY_RETUNE = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "betas",
+                     "muon_lr", "muon_momentum", "muon_ns_steps")
 # Model config options a warm start sets for itself: how the model computes and is regularised, and
 # its initialisation (overwritten by the source's weights), not the shapes of its weights.
 # block_size too: up to the source's with learned positions (the table is cut to it). The
@@ -42,16 +48,18 @@ def check_ckpt_path(ckpt_path: str) -> None:
                          f"from scratch")
 
 
-def check_resume_options(ckpt_path: str, ours: dict, theirs: dict, seq_len: str) -> None:
+def check_resume_options(ckpt_path: str, ours: dict, theirs: dict, seq_len: str) -> list[str]:
     """The model options of a command (``ours``) against those of the checkpoint it resumes
-    (``theirs``): any that differs but ``RESUME_MAY_CHANGE`` is refused, naming each. ``seq_len``:
-    the model option set through the data option of the same name."""
+    (``theirs``): any that differs but ``RESUME_MAY_CHANGE`` and ``RESUME_MAY_RETUNE`` is refused,
+    naming each. Returns the retuned ones (``model.lr 0.003 -> 0.0015``). ``seq_len``: the model
+    option set through the data option of the same name."""
     ours, theirs = flat(ours), flat(theirs)
-    conflicts = [(key, value, ours[key]) for key, value in theirs.items()
-                 if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
-                 and ours[key] != value]
+    differ = [(key, value, ours[key]) for key, value in theirs.items()
+              if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
+              and ours[key] != value]
+    conflicts = [item for item in differ if item[0] not in RESUME_MAY_RETUNE]
     if not conflicts:
-        return
+        return [f"model.{key} {value} -> {mine}" for key, value, mine in differ]
     option = {f"config.{seq_len}": f"data.{seq_len}"}
     settings = "; ".join(f"{option.get(key, f'model.{key}')} is {mine} here but {value} in the "
                          f"checkpoint" for key, value, mine in conflicts)

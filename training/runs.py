@@ -1,26 +1,34 @@
 """Run folders and logging: each run has its own folder, ``{save_dir}/{project}/{name}-{id}``,
 holding config.yaml, metrics.csv (always written, so that runs compare with no wandb account),
-checkpoints/ and wandb/. Resuming from a checkpoint of a run continues that run: the same folder,
-CSV and wandb run."""
+checkpoints/ and wandb/, and while a process trains it, the .lock that keeps others out. Resuming
+from a checkpoint of a run continues that run: the same folder, CSV and wandb run."""
 
+import contextlib
 import csv
+import fcntl
 import json
+import logging
 import netrc
 import os
 import re
 import secrets
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info
 
 from model.device import device_info
+
+from .errors import UsageError
 
 
 @dataclass
@@ -70,16 +78,111 @@ class RunConfig:
         return run_id, Path(self.save_dir) / self.project / folder
 
 
+class RunFolderLock:
+    """One writer per run folder: the process that trains a run holds an exclusive lock on its
+    ``.lock`` file, which names it (pid and host). A second process on the run ends at once naming
+    the first; the operating system releases the lock when its process ends, however it ends, so a
+    lock left by a killed process is taken over (with a note) rather than blocking the resume.
+
+    ``claim`` makes the folder of a new run (it must not exist: two new runs with one ``--run.id``
+    cannot share it) or locks that of a resumed one; ``release`` unlocks it."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path):
+        self.folder, self._fd = folder, None
+
+    def check(self, new: bool) -> None:
+        """The messages of ``claim``, without claiming: a check before the run is set up."""
+        holder = self.holder()
+        if holder is not None:
+            raise UsageError(f"the run {self.folder} is being trained by {holder}: wait for it to "
+                             f"end, or stop it; one process writes a run at a time")
+        if new and self.folder.exists():
+            raise UsageError(f"the run folder {self.folder} exists already: choose another "
+                             f"--run.id, or resume that run with --ckpt_path "
+                             f"{self.folder}/checkpoints/last.ckpt")
+
+    def holder(self) -> str | None:
+        """The process that holds the lock; None when none does."""
+        try:
+            fd = os.open(self.folder / self.NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
+    def claim(self, new: bool) -> str | None:
+        """Lock the folder; returns a note when a lock left by an ended process was taken over."""
+        if new:
+            try:
+                self.folder.mkdir(parents=True)
+            except FileExistsError:
+                self.check(new)  # says why
+                raise
+        while True:  # until the file we lock is the one in the folder (see release)
+            path = self.folder / self.NAME
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.check(new=False)  # says by whom
+                continue  # (it ended in between)
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # released and removed while we opened it: lock the new one
+        previous = os.read(fd, 200).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        if previous:
+            return f"Note: took over the run's lock from {previous}, which has ended"
+        return None
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock: a process waiting on the removed file tries again."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):  # a folder now read-only: the next claim takes
+                (self.folder / self.NAME).unlink(missing_ok=True)  # the lock over
+            os.close(self._fd)
+            self._fd = None
+
+
+def newest_run_config(run_dir: Path) -> Path:
+    """The run's config.yaml, or config-resume-N.yaml of its latest resume (SaveRunConfig)."""
+    resumes = sorted(run_dir.glob("config-resume-*.yaml"),
+                     key=lambda path: int(path.stem.rpartition("-")[2]))
+    return resumes[-1] if resumes else run_dir / "config.yaml"
+
+
 def wandb_mode(mode: str | None) -> str | None:
-    """The mode to ask wandb for; None lets wandb read $WANDB_MODE."""
-    if mode or os.environ.get("WANDB_MODE"):
+    """The mode to ask wandb for (None lets wandb read $WANDB_MODE): online where an API key is set
+    up, else offline; online without a key ends the start, rather than a run that fails to log."""
+    asked = mode or os.environ.get("WANDB_MODE")
+    if asked == "online" and not wandb_key_found():
+        raise UsageError("wandb mode online needs a wandb API key: run `wandb login` (or set "
+                         "WANDB_API_KEY), or log offline with --run.mode offline and upload "
+                         "later with `wandb sync`")
+    if asked:
         return mode
+    return "online" if wandb_key_found() else "offline"
+
+
+def wandb_key_found() -> bool:
+    """Whether wandb has an API key: $WANDB_API_KEY, or ~/.netrc as `wandb login` writes it."""
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
+    host = re.sub(r"^\w+://|[:/].*$", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai"))
     try:
-        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
-        return "offline"
+        return False
 
 
 def git_commit() -> str | None:
@@ -95,15 +198,42 @@ def git_commit() -> str | None:
         return None
 
 
-class _KeepingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self):  # Lightning's warns about, and deletes, an earlier metrics.csv
+class _StepRowsWriter(ExperimentWriter):
+    """metrics.csv with one row per step, rewritten whole into a temporary file and renamed into
+    place at each save: a kill never leaves a half-written row. (Lightning's writer appends a row
+    per log call, so that one step's learning rate, throughput and loss take three rows, and
+    deletes an earlier metrics.csv: a resumed run's.)"""
+
+    def __init__(self, log_dir: str, rows: list[dict]):
+        super().__init__(log_dir)
+        self.rows = {int(row["step"]): row for row in rows}  # step -> its metrics, in step order
+
+    def _check_log_dir_exists(self):  # (where Lightning's deletes the file)
         pass
+
+    def log_metrics(self, metrics_dict, step=None):
+        row = self.rows.setdefault(step, {"step": step})
+        row.update((key, value.item() if isinstance(value, torch.Tensor) else value)
+                   for key, value in metrics_dict.items())
+
+    def save(self):
+        keys = ["step", *sorted({key for row in self.rows.values() for key in row} - {"step"})]
+        partial = Path(self.metrics_file_path).with_name(".metrics.csv.partial")
+        try:
+            with open(partial, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rows[step] for step in sorted(self.rows))
+            os.replace(partial, self.metrics_file_path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 class RunCSVLogger(CSVLogger):
-    """Lightning's CSVLogger writing ``metrics.csv`` straight into a run folder. Resuming, it keeps
-    the rows up to the step it resumes from (Lightning's deletes the file) and drops the later ones,
-    which the resumed run logs again."""
+    """Lightning's CSVLogger writing ``metrics.csv`` straight into a run folder, one row per step,
+    saved at every checkpoint too (``_StepRowsWriter``). Resuming from the checkpoint after step
+    ``resume_step`` (its global step: the steps done), it keeps the rows of the steps before it and
+    drops the later ones, which the resumed run logs again."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         super().__init__(save_dir=run_dir.parent, name="", version=run_dir.name)
@@ -113,44 +243,77 @@ class RunCSVLogger(CSVLogger):
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
-            self._experiment = _KeepingWriter(self.log_dir)
-            path = self._experiment.metrics_file_path
-            if self.resume_step is not None and os.path.isfile(path):
-                with open(path, newline="") as f:
-                    reader = csv.DictReader(f)
-                    rows = [row for row in reader
-                            if row["step"] and int(row["step"]) <= self.resume_step]
-                with open(path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
-                    writer.writeheader()
-                    writer.writerows(rows)
-                self._experiment.metrics_keys = list(reader.fieldnames)
+            path, rows = Path(self.log_dir) / "metrics.csv", []
+            if self.resume_step is not None and path.is_file():
+                with open(path, newline="") as f:  # (step n is the (n+1)-th: 0 is the first)
+                    rows = [row for row in csv.DictReader(f)
+                            if row.get("step") and int(row["step"]) < self.resume_step]
+            self._experiment = _StepRowsWriter(self.log_dir, rows)
         return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        self.save()  # the metrics up to a checkpoint are on disk with it
+
+    def finalize(self, status):
+        try:
+            super().finalize(status)
+        except OSError:  # a run failing on a full disk, say: its own error is the one to report
+            if status != "failed":
+                raise
 
 
 def run_loggers(run: RunConfig, name: str, run_id: str, run_dir: Path, resume_step: int | None,
                 job_type: str) -> list[Logger]:
     """The run's CSV and wandb loggers, both writing into ``run_dir``."""
-    return [RunCSVLogger(run_dir, resume_step=resume_step),
-            WandbLogger(name=name, project=run.project, id=run_id, save_dir=str(run_dir),
-                        group=run.group, tags=run.tags, notes=run.notes, entity=run.entity,
-                        mode=wandb_mode(run.mode), job_type=job_type)]
+    import wandb  # (a second or two to import: only for a run)
+
+    # wandb's banner, and its history and summary at the end, are not printed: the run's own lines
+    # say where it logs (an online run keeps wandb's link to its page; finish_loggers prints how to
+    # upload an offline one)
+    mode = wandb_mode(run.mode)
+    offline = (mode or os.environ.get("WANDB_MODE")) != "online"
+    wandb_logger = WandbLogger(name=name, project=run.project, id=run_id, save_dir=str(run_dir),
+                               group=run.group, tags=run.tags, notes=run.notes,
+                               entity=run.entity, mode=mode, job_type=job_type,
+                               settings=wandb.Settings(quiet=True, silent=offline))
+    wandb_logger._wandb_init.pop("anonymous", None)  # Lightning passes it; wandb warns it is gone
+    return [RunCSVLogger(run_dir, resume_step=resume_step), wandb_logger]
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = True) -> None:
-    """Flush the loggers and close the wandb run (the next run in this process gets its own)."""
+    """Flush the loggers and close the wandb run (the next run in this process gets its own): each
+    of them, even after one failed (a full disk, say), then raise the first failure."""
+    failures = []
     for logger in loggers:
-        started = getattr(logger, "_experiment", True) is not None  # never start one to end it
-        if started:
-            logger.save()
-        if started and isinstance(logger, WandbLogger) and rank_zero:
-            logger.experiment.finish(exit_code=exit_code)
-            # finish() can return before wandb's service has written the last records of the
-            # run's .wandb file (3 of 30 offline runs read short right after it); stopping the
-            # service flushes it, so the file is whole when this run returns.
-            import wandb  # (imported already, by the logger)
+        if getattr(logger, "_experiment", True) is None:  # never start one to end it
+            continue
+        try:
+            if isinstance(logger, WandbLogger):
+                if rank_zero:
+                    _finish_wandb(logger.experiment, exit_code)
+            else:
+                logger.save()
+        except Exception as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
 
-            wandb.teardown()
+
+def _finish_wandb(run, exit_code: int) -> None:
+    import wandb  # (imported already, by the logger)
+
+    offline = run.settings.mode == "offline"
+    try:
+        run.finish(exit_code=exit_code)
+    finally:
+        # finish() can return before wandb's service has written the last records of the run's
+        # .wandb file (3 of 30 offline runs read short right after it); stopping the service
+        # flushes it, so the file is whole when this run returns. After a failed finish too, so
+        # that the next run in this process starts clean (without the failed run's log file)
+        wandb.teardown()
+        logging.getLogger("wandb").handlers.clear()
+    if offline:
+        rank_zero_info(f"wandb: logged offline; upload with `wandb sync {Path(run.dir).parent}`")
 
 
 # wandb run summaries keep the best value of these (and the last): val loss is best low, BLEU high

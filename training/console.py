@@ -1,0 +1,49 @@
+"""What a run prints: the project's lines and Lightning's progress, not the libraries' noise (tips,
+warnings about library internals, lines that say nothing on this run)."""
+
+import logging
+import warnings
+
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+# Lightning's info lines that say nothing about a run: an advertisement, the accelerators it does
+# not have (the "Device:" line says what the run uses), and that it takes our model summary
+NOISE = ("💡 Tip:", "GPU available: False, used: False", "TPU available: False",
+         "Trainer already configured with model summary")
+# warnings about the libraries' own code, which a user cannot act on
+LIBRARY_WARNINGS = [
+    (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),  # Lightning's pytree, newer torch
+    (UserWarning, r"LightningCLI's args parameter is intended"),  # tests and scripts pass args
+    (UserWarning, r".*does not have many workers"),  # the data is in memory: workers do not help
+]
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(NOISE)
+
+
+def quiet_libraries() -> None:
+    """Drop the lines of NOISE and LIBRARY_WARNINGS (once per process)."""
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's table of the model's modules and parameter counts, without its FLOPs: they are
+    counted from an example input, which the modules here do not give, and read 0 (the Throughput
+    callback logs the FLOPs of each step)."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                  total_training_modes, total_flops, **summarize_kwargs):
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size,
+                                      total_training_modes, total_flops, *columns)
+        rank_zero_info("\n" + table.rpartition("\n")[0])  # the table, less its total FLOPs
