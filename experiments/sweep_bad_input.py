@@ -1,5 +1,6 @@
 """Run the bad inputs of a sweep file (experiments/sweeps/bad_input.yaml) and count how each ended:
-clean (a non-zero exit status and one last line, no traceback), traceback, or silent (exit 0);
+clean (a non-zero exit status and an `error:` line last, no traceback), untidy (no traceback, but
+not one line), traceback, or silent (exit 0);
 for the inputs that should run, clean (exit 0, the expected output) or wrong.
 
     python experiments/sweep_bad_input.py [experiments/sweeps/bad_input.yaml] [--jobs 2]
@@ -53,13 +54,18 @@ def outcome(process: subprocess.CompletedProcess, stdout: str | None) -> tuple[s
     """clean, traceback or silent, and the last line; ``stdout``: what a run that should work
     prints (None: the case should fail)."""
     lines = [line for line in process.stderr.strip().splitlines() if line.strip()]
+    if lines and lines[-1].startswith("(set MINIGPT_TRACEBACK=1"):  # (the older error's 2nd line)
+        lines.pop()
     last = lines[-1] if lines else ""
     if "Traceback" in process.stderr:
         return "traceback", last
     if stdout is not None:
         ok = process.returncode == 0 and stdout in process.stdout
         return ("clean" if ok else "wrong"), last or process.stdout.strip()[-160:]
-    return ("silent" if process.returncode == 0 else "clean"), last
+    if process.returncode == 0:
+        return "silent", last
+    # one line that says what was wrong, else "untidy" (a usage dump, a message over lines)
+    return ("clean" if last.startswith(("error:", "stopped")) else "untidy"), last
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code, one_line  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code, one_line  # isort: split
 
 import yaml
 
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s STUDY [options] [-- train.py flags for every run]",
         epilog="Flags after -- go to every run's train.py command line, after the study's.")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import exit_code  # isort: split
+from training.errors import ArgumentParser, exit_code  # isort: split
 
 import torch
 
@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paths", nargs="+", default=list(ATTENTION_KERNELS),
                    choices=list(ATTENTION_KERNELS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096])

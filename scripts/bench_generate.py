@@ -21,14 +21,13 @@ rolls: one token per step for ever); the table gives the tokens/s of the first 6
 last 1,000 and of all N.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 import torch
 import yaml
@@ -129,7 +128,7 @@ def long_table(args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"),
                    help="model shape to build")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of --config")

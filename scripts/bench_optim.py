@@ -16,14 +16,13 @@ environment times glibc's default instead. The Newton-Schulz work is per matrix,
 the batch: its share of a step shrinks as the batch grows.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 import torch
 
@@ -68,7 +67,7 @@ def optimizers(model: torch.nn.Module, device: str, ns_steps: list[int]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)

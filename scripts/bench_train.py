@@ -17,7 +17,6 @@ Flags this script does not know go to train.py's CLI (e.g. --model.config.n_laye
 markdown table and the machine it ran on.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import exit_code  # isort: split
+from training.errors import ArgumentParser, exit_code  # isort: split
 
 import lightning as L
 import torch
@@ -120,7 +119,7 @@ def bare_run(args, variant) -> float:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "shakespeare_char_cpu.yaml"))
     p.add_argument("--source", default=None,
                    help="training text, as --data.source (default: the config's)")

@@ -21,7 +21,6 @@ yet, or with no metrics at all, is skipped and named on stderr. Runs are labelle
 where these are short and tell them apart, else by the settings that differ between them.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 import yaml
 
@@ -486,7 +485,7 @@ def plot(runs: list[Run], metric: str, path: str, all_settings: bool = False) ->
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="run folders, metrics.csv files or offline wandb runs")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
                    help="also compare runs of this wandb project")

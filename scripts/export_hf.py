@@ -12,20 +12,19 @@ QK-norm, grouped-query attention, window or logit cap (a model without biases ge
 Needs ``pip install -e '.[hf]'``.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 from model.checkpoint import load_gpt_checkpoint
 from model.hf_gpt2 import save_hf
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="GPT checkpoint written by train.py")
     p.add_argument("--out", required=True, help="folder to write (new, or empty)")
     return p.parse_args(argv)

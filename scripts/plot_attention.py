@@ -16,14 +16,13 @@ with). By default, every head of the last layer; --head H shows one head in ever
 the mean of a layer's heads.
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 import torch
 
@@ -134,7 +133,7 @@ def plot(maps, rows: list[str], cols: list[str], path: str, title: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True,
                    help="a checkpoint written by train.py (GPT or seq2seq)")
     p.add_argument("--text", required=True, help="GPT: the prompt; seq2seq: the source sentence")

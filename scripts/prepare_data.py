@@ -6,19 +6,18 @@
 Training with the same --data.source, --data.tokenizer (and --data.cache_dir) then starts at once.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import exit_code  # isort: split
+from training.errors import ArgumentParser, exit_code  # isort: split
 
 from data.corpus import prepare_corpus
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source",
                    help="what --data.source would be: a file, glob, folder, hub id, or "
                         "tiny_shakespeare")

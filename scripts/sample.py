@@ -16,14 +16,13 @@ model with learned positions crops the context to its last half; one with rotary
 its KV cache and reads a prompt of any length (see GPT._decode).
 """
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 import torch
 
@@ -70,7 +69,7 @@ def sample(model, tokenizer, ids: list[int], args, generator, echo=None) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint written by train.py")
     source.add_argument("--init-from", metavar="SOURCE",

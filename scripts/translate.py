@@ -13,7 +13,6 @@ or spaces only) is refused; a blank line of the input (--file, stdin, --eval's S
 as a blank line, and stderr names it; input of blank lines only is refused.
 """
 
-import argparse
 import gzip
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import UsageError, exit_code  # isort: split
+from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
 
 from model.checkpoint import load_seq2seq_checkpoint
 from model.translate import bleu, bleu_signature, translate
@@ -57,7 +56,7 @@ def blank_lines_stay_blank(lines: list[str], source: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="seq2seq checkpoint written by train.py")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", default=None, help="one sentence to translate")

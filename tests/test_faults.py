@@ -17,7 +17,7 @@ from conftest import REPO, fit, run_folders, tiny_run
 
 from train import cli
 from training.checkpointing import AtomicCheckpointIO
-from training.runs import RunFolderLock
+from training.runs import RunCSVLogger, RunFolderLock
 
 FLAT = ("--model.lr", "1e-9", "--model.min_lr", "0", "--model.muon_lr", "1e-9")  # a flat loss
 
@@ -65,24 +65,34 @@ def test_last_ckpt_is_written_at_every_validation_and_interval_whatever_the_loss
 def test_a_resume_by_any_path_continues_the_run_in_its_own_folder(text_file, tmp_path,
                                                                    monkeypatch):
     same = ("--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1")
-    fit(text_file, tmp_path, *same, "--trainer.max_steps", "2")
-    folder, = run_folders(tmp_path)
     monkeypatch.chdir(tmp_path)
+    fit(text_file, tmp_path, *same, "--trainer.max_steps", "2", "--run.save_dir", ".")  # relative
+    folder, = run_folders(tmp_path)
     (tmp_path / "link").symlink_to(folder)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "latest.ckpt").symlink_to(folder / "checkpoints" / "last.ckpt")
     moved = tmp_path / "elsewhere" / folder.name
+
+    def moved_folder():
+        monkeypatch.chdir(tmp_path)
+        moved.parent.mkdir()
+        folder.rename(moved)
+        return moved / "checkpoints" / "last.ckpt"
+
     paths = [lambda: Path(os.path.relpath(folder, tmp_path)) / "checkpoints" / "last.ckpt",
              lambda: folder / "checkpoints" / "last.ckpt",
              lambda: tmp_path / "link" / "checkpoints" / "last.ckpt",
-             lambda: (moved.parent.mkdir(), folder.rename(moved), moved)[-1]
-             / "checkpoints" / "last.ckpt"]
+             lambda: (monkeypatch.chdir(tmp_path / "other"), Path("latest.ckpt"))[-1],
+             moved_folder]
     for i, path in enumerate(paths, start=1):
         ckpt = path()
         assert cli(tiny_run(text_file, tmp_path, *same, "--trainer.max_steps", str(2 + 2 * i),
                             "--ckpt_path", str(ckpt))) == 0
         assert steps(ckpt) == 2 + 2 * i
-        names = sorted(p.name for p in ckpt.parent.iterdir())
+        checkpoints = ckpt.resolve().parent
+        names = sorted(p.name for p in checkpoints.iterdir())
         assert names == ["best-step=" + names[0].split("=")[1], "last.ckpt"], names
-        rows = [int(row["step"]) for row in metric_rows(ckpt.parent.parent)]
+        rows = [int(row["step"]) for row in metric_rows(checkpoints.parent)]
         assert rows == list(range(2 + 2 * i))  # each step once: none lost, none twice
     assert run_folders(tmp_path) == []  # the run moved, and no other folder was made
     assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [folder.name]
@@ -118,6 +128,24 @@ def test_one_process_writes_a_run_and_a_stale_lock_is_taken_over(text_file, tmp_
                         str(last))) == 0
     assert f"took over the run's lock from process {holder.pid} on here" in caplog.text
     assert steps(last) == 4 and not (folder / RunFolderLock.NAME).exists()
+    # a resume with no step left to train is refused, before it touches the run
+    assert cli(tiny_run(text_file, tmp_path, "--trainer.max_steps", "4", "--ckpt_path",
+                        str(last))) == 1
+    assert "has trained 4 steps already" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_resumed_run_from_before_one_row_per_step_keeps_every_metric(tmp_path):
+    """metrics.csv of an older run had a row per log call; a resume merges each step's."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("step,lr,train/loss,val/loss\n0,0.1,,\n0,,2.5,\n"
+                                        "1,0.2,,\n1,,2.4,\n1,,,2.6\n2,0.3,,\n")
+    logger = RunCSVLogger(folder, resume_step=2)
+    logger.log_metrics({"lr": 0.3, "train/loss": 2.3}, step=2)
+    logger.save()
+    rows = metric_rows(folder)
+    assert [(r["step"], r["lr"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "0.1", "2.5", ""), ("1", "0.2", "2.4", "2.6"), ("2", "0.3", "2.3", "")]
 
 
 @pytest.mark.slow
@@ -224,6 +252,8 @@ def test_a_read_only_place_ends_in_one_line(text_file, tmp_path, small_fs, capsy
         line = one_line_error(capsys.readouterr().err)
         assert "Read-only file system" in line and str(small_fs) in line, (name, line)
     assert steps(last) == 2
+    with pytest.raises(OSError, match=f"{last} still holds the last good checkpoint"):
+        AtomicCheckpointIO().save_checkpoint({"step": 3}, last)  # a disk gone read-only mid-run
 
 
 # --- Ctrl-C -------------------------------------------------------------------------------------

@@ -29,16 +29,19 @@ def csv_rows(folder: Path) -> list[dict]:
 def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_file, tmp_path):
     fit(text_file, tmp_path)
     folder, = run_folders(tmp_path)
-    cpu = device_info("cpu")  # the config's auto precision and attention path, resolved for this CPU
+    # the config's auto precision and attention path, resolved for this CPU
+    cpu = device_info("cpu")
     precision = choose_precision(cpu)
     attn_impl = choose_attn_impl(cpu, precision, seq_len=16)
     # config stem, shape (with the recipe's attention options), attention path, precision
     name = f"shakespeare_char_cpu-1L16d-rope-qknorm-{attn_impl}-{precision}"
     assert folder.name.startswith(name + "-")
-    assert {"config.yaml", "metrics.csv", "checkpoints", "wandb"} <= {p.name for p in folder.iterdir()}
+    assert ({"config.yaml", "metrics.csv", "checkpoints", "wandb"}
+            <= {p.name for p in folder.iterdir()})
 
     offline, = (folder / "wandb").glob("offline-run-*")
-    run = compare_runs.read_wandb_offline(offline)  # from the file wandb wrote, not from this process
+    # from the file wandb wrote, not from this process
+    run = compare_runs.read_wandb_offline(offline)
     assert run.name == name
     config = run.config
     assert config["model.config.n_layer"] == 1 and config["model.config.n_embd"] == 16
@@ -47,8 +50,8 @@ def test_a_run_writes_its_folder_and_an_offline_wandb_run_that_reads_back(text_f
     assert config["data.block_size"] == 16 and config["model.lr"] == 3e-3
     assert config["n_params"] > 0 and config["run_dir"] == str(folder) and config["kind"] == "gpt"
     assert config["git_commit"] is None or len(config["git_commit"].split("+")[0]) == 40
-    for key in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "lr-CombinedOptimizer/muon", "val/wall_time_s",
-                "train/device/items_per_sec"):
+    for key in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "lr-CombinedOptimizer/muon",
+                "val/wall_time_s", "train/device/items_per_sec"):
         assert run.history.get(key), key
     assert sorted(run.history["val/loss"]) == [9, 19]
 
@@ -100,22 +103,26 @@ def test_a_cli_built_without_running_hands_its_run_id_to_no_later_run(text_file,
     assert not folder.name.endswith(built.model.run_info["id"])
 
 
-def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file, tmp_path, monkeypatch):
-    for var, value in {"WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-team", "WANDB_RUN_GROUP": "env-group",
-                       "WANDB_TAGS": "cpu, sweep"}.items():
+def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file, tmp_path,
+                                                                       monkeypatch):
+    for var, value in {"WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-team",
+                       "WANDB_RUN_GROUP": "env-group", "WANDB_TAGS": "cpu, sweep"}.items():
         monkeypatch.setenv(var, value)
     fit(text_file, tmp_path)
     folder, = (tmp_path / "env-project").iterdir()  # the project names the folder of its runs
-    records = list(compare_runs.wandb_records(next((folder / "wandb").glob("offline-run-*/*.wandb"))))
+    records = list(compare_runs.wandb_records(
+        next((folder / "wandb").glob("offline-run-*/*.wandb"))))
     assert records[-1].WhichOneof("record_type") == "exit"  # the file is whole when the run returns
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert (run.project, run.entity, run.run_group, list(run.tags)) == ("env-project", "env-team", "env-group",
-                                                                        ["cpu", "sweep"])
+    assert (run.project, run.entity, run.run_group, list(run.tags)) == (
+        "env-project", "env-team", "env-group", ["cpu", "sweep"])
     # the runs table sorts on the best val loss (min) and BLEU (max) of a run, not only the last
-    summaries = {r.metric.name: r.metric.summary for r in records if r.WhichOneof("record_type") == "metric"}
+    summaries = {r.metric.name: r.metric.summary
+                 for r in records if r.WhichOneof("record_type") == "metric"}
     assert summaries["val/loss"].min and summaries["val/loss"].last and summaries["val/bleu"].max
 
-    fit(text_file, tmp_path, "--run.project", "cli-project", "--run.group", "cli-group", "--run.tags", "[x]")
+    fit(text_file, tmp_path, "--run.project", "cli-project", "--run.group", "cli-group",
+        "--run.tags", "[x]")
     folder, = (tmp_path / "cli-project").iterdir()  # the config's settings win over the environment
     records = compare_runs.wandb_records(next((folder / "wandb").glob("offline-run-*/*.wandb")))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -124,19 +131,24 @@ def test_wandb_environment_variables_fill_what_the_config_leaves_unset(text_file
 
 def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_path):
     fit(text_file, tmp_path, "--trainer.max_steps", "20")
-    folder = run_folders(tmp_path)[0].rename(tmp_path / "mini-gpt" / "moved")  # the run folder can be moved
+    # the run folder can be moved
+    folder = run_folders(tmp_path)[0].rename(tmp_path / "mini-gpt" / "moved")
     before = csv_rows(folder)
-    fit(text_file, tmp_path, "--trainer.max_steps", "30", "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
+    fit(text_file, tmp_path, "--trainer.max_steps", "30",
+        "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
     assert run_folders(tmp_path) == [folder]  # no second folder
     assert (folder / "config.yaml").is_file() and (folder / "config-resume-1.yaml").is_file()
-    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 20  # kept as it was
+    # kept as it was
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 20
 
     rows = csv_rows(folder)
-    assert rows[:len(before)] == [{k: r.get(k, "") for k in rows[0]} for r in before]  # earlier rows kept
+    # earlier rows kept
+    assert rows[:len(before)] == [{k: r.get(k, "") for k in rows[0]} for r in before]
     train_steps = [int(r["step"]) for r in rows if r["train/loss"]]
     assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 25
     val = {int(r["step"]): float(r["val/wall_time_s"]) for r in rows if r["val/wall_time_s"]}
-    assert sorted(val) == [9, 19, 29] and val[29] > val[19] > val[9]  # wall time goes on from the checkpoint
+    # wall time goes on from the checkpoint
+    assert sorted(val) == [9, 19, 29] and val[29] > val[19] > val[9]
     val_loss = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
 
     offline = sorted((folder / "wandb").glob("offline-run-*"))
@@ -163,12 +175,15 @@ def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_pat
 
 def test_a_two_process_run_logs_into_one_run_folder(text_file, tmp_path):
     """DDP on CPU (gloo): the worker process takes its launcher's run id, and only rank 0 writes."""
-    cmd = [sys.executable, str(REPO / "train.py"), *tiny_run(text_file, tmp_path, "--trainer.max_steps", "10",
-           "--trainer.val_check_interval", "5", "--trainer.strategy", "ddp", "--trainer.devices", "2")]
+    cmd = [sys.executable, str(REPO / "train.py"),
+           *tiny_run(text_file, tmp_path, "--trainer.max_steps", "10",
+                     "--trainer.val_check_interval", "5", "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folder, = run_folders(tmp_path)
-    assert (folder / "checkpoints" / "last.ckpt").is_file() and len(list((folder / "wandb").glob("offline-run-*"))) == 1
+    assert ((folder / "checkpoints" / "last.ckpt").is_file()
+            and len(list((folder / "wandb").glob("offline-run-*"))) == 1)
     assert {int(r["step"]) for r in csv_rows(folder) if r["val/loss"]} == {4, 9}
 
 

@@ -2,6 +2,7 @@
 at the final step, always under that name and atomically, and Ctrl-C or SIGTERM ending a run after
 a checkpoint it resumes from."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -54,7 +55,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = f"; {last} still holds the last good checkpoint" if last.is_file() else ""
             raise OSError(one_line(OSError(e.errno, e.strerror, str(path))) + kept) from e
         finally:
-            partial_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (on a read-only disk even this fails)
+                partial_path.unlink(missing_ok=True)
 
 
 class Checkpoint(ModelCheckpoint):
@@ -117,13 +119,9 @@ class Checkpoint(ModelCheckpoint):
             for logger in trainer.loggers:  # as Lightning's saves do: the CSV writes its rows
                 logger.after_save_checkpoint(proxy(self))
 
-    # Signals: Ctrl-C or SIGTERM before training begins (setting up, the sanity check) stops at
-    # once; during training, after the step and a save. (Lightning restores Python's handlers at
-    # its teardown.)
-
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        self._handle_signals(self._stop_now)
+    # Signals during training: the step finishes, then a save. (Before training, Ctrl-C stops at
+    # once: Lightning's exit on it becomes status 130 in the CLI. Lightning puts back the handlers
+    # of before the run at its teardown.)
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
@@ -171,8 +169,9 @@ class Checkpoint(ModelCheckpoint):
         # The run continues in its folder as it is now (moved, or named by another path): the
         # checkpoints the state names are there. (Lightning's keeps the best ones only when the
         # folder's path is spelled as it was.)
-        def here(path):
-            return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+        def here(path):  # (a file not in this folder keeps its path: another dirpath, say)
+            moved = os.path.join(self.dirpath, os.path.basename(path)) if path else path
+            return moved if moved and os.path.exists(moved) else path
 
         state = {**state_dict, "dirpath": self.dirpath,
                  "best_k_models": {here(p): v for p, v in state_dict["best_k_models"].items()},

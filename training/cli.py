@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from model import GPTConfig
 from model.checkpoint import load_gpt_weights, read_checkpoint, source_config, source_state_dict
@@ -203,6 +203,9 @@ class CLI(LightningCLI):
             return super()._parse_ckpt_path()
         resume.check_ckpt_path(ckpt_path)
         self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.model_kind.name)
+        if subcommand == "fit":
+            resume.check_steps_left(ckpt_path, config.trainer.max_steps,
+                                    self._checkpoint["global_step"])
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)
         ours = model.as_dict()
@@ -251,12 +254,12 @@ class CLI(LightningCLI):
                                               self._init_tokenizer,
                                               self.model.model.config.vocab_size)
         self.lock = RunFolderLock(run_dir)
-        if not self.launcher_run_id:  # (the launcher of a multi-process run holds its lock)
+        if not self.launcher_run_id and rank_zero_only.rank == 0:  # (rank 0 holds the lock)
             self.lock.check(new=resumed is None)
         # the folder itself is made when the run starts (_run_subcommand), so that bad input
         # leaves none behind
         self.run_dir, self.resumed = run_dir, resumed is not None
-        self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir)}
+        self.model.run_info = {"id": run_id, "name": name, "dir": str(run_dir.resolve())}
         checkpoint = config.get("checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")

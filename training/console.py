@@ -17,6 +17,7 @@ LIBRARY_WARNINGS = [
     (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),  # Lightning's pytree, newer torch
     (UserWarning, r"LightningCLI's args parameter is intended"),  # tests and scripts pass args
     (UserWarning, r".*does not have many workers"),  # the data is in memory: workers do not help
+    (UserWarning, r"Checkpoint directory .* exists and is not empty"),  # a resumed run's, its own
 ]
 
 

@@ -31,6 +31,14 @@ class UsageError(ValueError):
     """Bad input to a command, with a message that says what to do."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the scripts, whose errors raise a UsageError (one line through
+    ``exit_code``) where argparse prints the usage and exits with status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (--help lists the options)")
+
+
 class Stopped(Exception):
     """A command stopped on a signal, having saved what it needs (its message says where)."""
 

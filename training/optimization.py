@@ -38,8 +38,10 @@ def take_settings(scheduler, settings: list[dict]) -> None:
     rest), and the schedule the new peaks, so that a resume may lower the lr, say
     (training/resume.py). Nothing changes when the settings are the checkpoint's."""
     groups = scheduler.optimizer.param_groups
-    if all(group.items() >= ours.items() for group, ours in zip(groups, settings, strict=True)):
-        return  # ("lr" is the peak here and the scheduled lr there, which then differ)
+    if all(group.get("initial_lr") == ours["lr"]  # (ours: the peak; the group's: scheduled)
+           and all(group.get(key) == value for key, value in ours.items() if key != "lr")
+           for group, ours in zip(groups, settings, strict=True)):
+        return
     scheduler.base_lrs = [ours["lr"] for ours in settings]
     for group, ours, schedule in zip(groups, settings, scheduler.lr_lambdas, strict=True):
         group.update(ours, initial_lr=ours["lr"], lr=ours["lr"] * schedule(scheduler.last_epoch))
@@ -48,8 +50,8 @@ def take_settings(scheduler, settings: list[dict]) -> None:
 def lower_lr_advice(hp, trainer, run_info: dict | None) -> str:
     """The command that resumes a run from its last checkpoint at half the learning rate."""
     last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-    lower = f"--model.lr {hp.lr / 2:g}" + (f" --model.muon_lr {hp.muon_lr / 2:g}"
-                                           if hp.optimizer == "muon" else "")
+    lower = (f"--model.lr {hp.lr / 2:g} --model.min_lr {hp.min_lr / 2:g}"
+             + (f" --model.muon_lr {hp.muon_lr / 2:g}" if hp.optimizer == "muon" else ""))
     if not (last and os.path.isfile(last) and run_info):
         return (f"No checkpoint yet: start again with a lower learning rate ({lower}), or "
                 f"--trainer.precision 32-true")

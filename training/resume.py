@@ -48,6 +48,14 @@ def check_ckpt_path(ckpt_path: str) -> None:
                          f"from scratch")
 
 
+def check_steps_left(ckpt_path: str, max_steps: int | None, steps_done: int) -> None:
+    """A resume that would train no step (``max_steps`` reached already) is refused."""
+    if max_steps is not None and 0 <= max_steps <= steps_done:
+        raise ValueError(f"--ckpt_path {ckpt_path} has trained {steps_done} steps already, and "
+                         f"--trainer.max_steps is {max_steps}: give a larger --trainer.max_steps "
+                         f"to train on")
+
+
 def check_resume_options(ckpt_path: str, ours: dict, theirs: dict, seq_len: str) -> list[str]:
     """The model options of a command (``ours``) against those of the checkpoint it resumes
     (``theirs``): any that differs but ``RESUME_MAY_CHANGE`` and ``RESUME_MAY_RETUNE`` is refused,
@@ -127,6 +135,7 @@ def resumed_run(checkpoint: dict, ckpt_path: str) -> tuple[dict, int] | None:
     info = checkpoint.get("run")
     if info is None:
         return None
-    if Path(ckpt_path).parent.name == "checkpoints":  # the run's folder, wherever it now is
-        info = {**info, "dir": str(Path(ckpt_path).parent.parent)}
+    path = Path(ckpt_path).resolve()  # through symlinks, to the file itself
+    if path.parent.name == "checkpoints":  # the run's folder, wherever it now is
+        info = {**info, "dir": str(path.parent.parent)}
     return info, checkpoint["global_step"]

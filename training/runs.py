@@ -119,6 +119,10 @@ class RunFolderLock:
 
     def claim(self, new: bool) -> str | None:
         """Lock the folder; returns a note when a lock left by an ended process was taken over."""
+        if not new and not self.folder.is_dir():
+            raise UsageError(f"the run folder {self.folder} that the checkpoint belongs to is "
+                             f"gone: resume from the last.ckpt in the run's folder where it now "
+                             f"is, or start a new run from these weights with --model.init_from")
         if new:
             try:
                 self.folder.mkdir(parents=True)
@@ -206,7 +210,11 @@ class _StepRowsWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str, rows: list[dict]):
         super().__init__(log_dir)
-        self.rows = {int(row["step"]): row for row in rows}  # step -> its metrics, in step order
+        self.rows = {}  # step -> its metrics (a run from before kept a row per log call: merged)
+        for row in rows:
+            step = int(row["step"])
+            self.rows.setdefault(step, {"step": step}).update(
+                (key, value) for key, value in row.items() if value != "" and key != "step")
 
     def _check_log_dir_exists(self):  # (where Lightning's deletes the file)
         pass
@@ -226,7 +234,8 @@ class _StepRowsWriter(ExperimentWriter):
                 writer.writerows(self.rows[step] for step in sorted(self.rows))
             os.replace(partial, self.metrics_file_path)
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (on a read-only disk even this fails)
+                partial.unlink(missing_ok=True)
 
 
 class RunCSVLogger(CSVLogger):
