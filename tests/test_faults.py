@@ -279,3 +279,22 @@ def test_ctrl_c_while_a_run_starts_ends_in_one_line_with_status_130(text_file, t
         assert line.startswith(f"stopped by SIGINT after {steps(saved[0])} steps and saved")
     else:
         assert line.startswith("stopped by") and not list(tmp_path.glob("mini-gpt/*"))
+
+
+def test_sigterm_while_a_run_sets_up_ends_in_one_line_with_status_143(text_file, tmp_path):
+    """As Ctrl-C: no traceback and no folder, or a checkpoint where training had begun."""
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                                *tiny_run(text_file, tmp_path, "--trainer.max_steps", "100000")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("mini-gpt/*")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the run folder is made: the run is setting up
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-3000:]
+    line = one_line_error(err)
+    saved = list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))
+    if saved:
+        assert line.startswith(f"stopped by SIGTERM after {steps(saved[0])} steps and saved")
+    else:
+        assert line == "stopped by SIGTERM" and not list(tmp_path.glob("mini-gpt/*"))

@@ -9,6 +9,7 @@ checks of a resume or warm start, the run's Trainer, running and finishing); bui
 import contextlib
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMPr
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
-from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from model import GPTConfig
 from model.checkpoint import load_gpt_weights, read_checkpoint, source_config, source_state_dict
@@ -41,7 +43,7 @@ from . import resume
 from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
 from .console import ModelSummary, quiet_libraries
-from .errors import UsageError
+from .errors import Stopped, UsageError
 from .memory import keep_freed_memory
 from .run_state import RunState
 from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers
@@ -302,16 +304,21 @@ class CLI(LightningCLI):
                 # a warm start: the source's weights before anything is trained (the optimizer is
                 # made afterwards, fresh); a resumed run's weights are its checkpoint's
                 load_gpt_weights(self.model.model, source_state_dict(source), source)
+                n_params = self.model.model.num_params(non_embedding=False)
                 rank_zero_info(f"Warm start: the weights of {source} "
-                               f"({self.model.model.num_params(non_embedding=False) / 1e6:.1f}M "
-                               f"parameters)")
+                               f"({get_human_readable_count(n_params)} parameters)")
             super()._run_subcommand(subcommand)
         except BaseException as e:  # interrupted, or failed: close the wandb run as failed
+            # a failed start leaves no folder (and no line on how to upload its wandb run)
+            remove = (not self.resumed and self.trainer.global_step == 0
+                      and self.trainer.is_global_zero)
             with contextlib.suppress(Exception):  # (a full disk, say: the first error is the one
-                self.finish_run(exit_code=1)  # to report); a resume reopens the wandb run
-            if not self.resumed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                shutil.rmtree(self.run_dir, ignore_errors=True)  # a failed start leaves no folder
-            if isinstance(e, SystemExit) and self.trainer.state.status == TrainerStatus.INTERRUPTED:
+                self.finish_run(exit_code=1, announce=not remove)  # to report); a resume reopens
+            if remove:  # the wandb run
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if isinstance(e, SIGTERMException):  # Lightning's, on a SIGTERM while setting up
+                raise Stopped("stopped by SIGTERM", signal.SIGTERM) from None
+            if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):
                 raise KeyboardInterrupt from None  # Lightning's exit(1) on Ctrl-C: ours is 130
             raise
         finally:
@@ -335,8 +342,9 @@ class CLI(LightningCLI):
     def after_test(self):
         self.finish_run()
 
-    def finish_run(self, exit_code: int = 0):
-        finish_loggers(self.trainer.loggers, exit_code, rank_zero=self.trainer.is_global_zero)
+    def finish_run(self, exit_code: int = 0, announce: bool = True):
+        finish_loggers(self.trainer.loggers, exit_code, rank_zero=self.trainer.is_global_zero,
+                       announce=announce)
 
 
 def check_length(trainer) -> None:
@@ -373,9 +381,10 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
     kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]
     quiet_libraries()  # the project's lines and Lightning's progress, not library noise
     keep_freed_memory()  # big CPU tensors reused, not paged in at every step (training/memory.py)
-    # parse errors raise, for one line (training/errors.py), rather than print the usage and exit;
+    # parse errors raise, for one line (training/errors.py), rather than print the usage and exit,
+    # and an abbreviated option is refused (--trainer.max_step would be taken for max_steps);
     # the optimizer is the model's own (--model.optimizer): no Lightning --optimizer to bypass it
-    no_exit = {"exit_on_error": False}
+    no_exit = {"exit_on_error": False, "allow_abbrev": False}  # (a typo is no option of ours)
     usage = ("%(prog)s [--config FILE] [--model.* ...] [--data.* ...] [--run.* ...] "
              "[--checkpoint.* ...] [--trainer.* ...] [--ckpt_path CKPT]")
     parser_kwargs = {**no_exit, **{name: {**no_exit, "usage": usage} for name in CLI.subcommands()}}

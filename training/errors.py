@@ -6,8 +6,8 @@ A command's ``main`` raises, with a message that says what was wrong and how to 
 - ``ValueError`` (``UsageError``, ``CheckpointError``, ``DataSourceError`` ... are ones), or an
   argument parser's ``ArgumentError``: ``error: ...``, exit status 1;
 - ``OSError`` (a missing file, a read-only folder, a full disk): the file and the reason, exit 1;
-- ``Stopped`` (a run that stopped on a signal after saving a checkpoint): its message, exit
-  128 + the signal's number;
+- ``Stopped`` (a run that stopped on a signal, after saving a checkpoint or before it had
+  one, SIGTERM included): its message, exit 128 + the signal's number;
 - ``KeyboardInterrupt`` (Ctrl-C anywhere else): exit 130.
 
 ``sys.exit(exit_code(main))`` turns each into its line. ``MINIGPT_TRACEBACK=1`` shows the traceback
@@ -22,6 +22,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 CTRL_C_STATUS = 128 + signal.SIGINT  # what a shell reports for a process stopped by Ctrl-C
@@ -33,7 +34,11 @@ class UsageError(ValueError):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser for the scripts, whose errors raise a UsageError (one line through
-    ``exit_code``) where argparse prints the usage and exits with status 2."""
+    ``exit_code``) where argparse prints the usage and exits with status 2, and which takes no
+    abbreviated options (a typo such as --max-new-token would be taken silently)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         raise UsageError(f"{message} (--help lists the options)")
@@ -76,10 +81,12 @@ def one_line(error: BaseException) -> str:
 def exit_code(main: Callable[[], object]) -> int:
     """The exit status of ``main()``: 0, or that of one of the errors above, after printing its
     line."""
+    previous = _on_sigterm(_stop_on_sigterm)  # (training has its own, which saves first)
     try:
         main()
-    except KeyboardInterrupt:
-        print("stopped by Ctrl-C", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (pressed again while a stop was being reported: its message)
+        stop = e.__context__ if isinstance(e.__context__, Stopped) else None
+        print(stop or "stopped by Ctrl-C", file=sys.stderr)
         return CTRL_C_STATUS
     except Stopped as e:
         print(e, file=sys.stderr)
@@ -89,7 +96,20 @@ def exit_code(main: Callable[[], object]) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        _on_sigterm(previous)
     return 0
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped("stopped by SIGTERM", signum)
+
+
+def _on_sigterm(handler):
+    """Handle SIGTERM with ``handler`` (where Python delivers signals); the previous handler."""
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _ctrl_c_while_loading(kind, value, traceback):

@@ -48,14 +48,17 @@ def take_settings(scheduler, settings: list[dict]) -> None:
 
 
 def lower_lr_advice(hp, trainer, run_info: dict | None) -> str:
-    """The command that resumes a run from its last checkpoint at half the learning rate."""
+    """The command that resumes a run from its last checkpoint at half the learning rate (a tenth,
+    starting again: a run that diverges before its first checkpoint is far off)."""
     last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-    lower = (f"--model.lr {hp.lr / 2:g} --model.min_lr {hp.min_lr / 2:g}"
-             + (f" --model.muon_lr {hp.muon_lr / 2:g}" if hp.optimizer == "muon" else ""))
-    if not (last and os.path.isfile(last) and run_info):
-        return (f"No checkpoint yet: start again with a lower learning rate ({lower}), or "
-                f"--trainer.precision 32-true")
+    resume = bool(last and os.path.isfile(last) and run_info)
+    by = 2 if resume else 10
+    lower = (f"--model.lr {hp.lr / by:g} --model.min_lr {hp.min_lr / by:g}"
+             + (f" --model.muon_lr {hp.muon_lr / by:g}" if hp.optimizer == "muon" else ""))
+    full = "32-true" if str(trainer.precision) not in ("32-true", "32", "64-true", "64") else None
+    or_full = f" (or with --trainer.precision {full})" if full else ""
+    if not resume:
+        return f"No checkpoint yet: start again with a lower learning rate, {lower}{or_full}"
     config = newest_run_config(Path(run_info["dir"]))
     return (f"Resume from the last good checkpoint with a lower learning rate: python train.py "
-            f"fit --config {config} --ckpt_path {last} {lower} (or with --trainer.precision "
-            f"32-true)")
+            f"fit --config {config} --ckpt_path {last} {lower}{or_full}")

@@ -289,9 +289,11 @@ def run_loggers(run: RunConfig, name: str, run_id: str, run_dir: Path, resume_st
     return [RunCSVLogger(run_dir, resume_step=resume_step), wandb_logger]
 
 
-def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = True) -> None:
+def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = True,
+                   announce: bool = True) -> None:
     """Flush the loggers and close the wandb run (the next run in this process gets its own): each
-    of them, even after one failed (a full disk, say), then raise the first failure."""
+    of them, even after one failed (a full disk, say), then raise the first failure. ``announce``:
+    print how to upload an offline wandb run (not for a folder about to be removed)."""
     failures = []
     for logger in loggers:
         if getattr(logger, "_experiment", True) is None:  # never start one to end it
@@ -299,7 +301,7 @@ def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = 
         try:
             if isinstance(logger, WandbLogger):
                 if rank_zero:
-                    _finish_wandb(logger.experiment, exit_code)
+                    _finish_wandb(logger.experiment, exit_code, announce)
             else:
                 logger.save()
         except Exception as e:
@@ -308,7 +310,7 @@ def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = 
         raise failures[0]
 
 
-def _finish_wandb(run, exit_code: int) -> None:
+def _finish_wandb(run, exit_code: int, announce: bool) -> None:
     import wandb  # (imported already, by the logger)
 
     offline = run.settings.mode == "offline"
@@ -321,7 +323,7 @@ def _finish_wandb(run, exit_code: int) -> None:
         # that the next run in this process starts clean (without the failed run's log file)
         wandb.teardown()
         logging.getLogger("wandb").handlers.clear()
-    if offline:
+    if offline and announce:
         rank_zero_info(f"wandb: logged offline; upload with `wandb sync {Path(run.dir).parent}`")
 
 
