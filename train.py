@@ -22,7 +22,10 @@ and saves checkpoints; at the end the module evaluates what its kind evaluates
 import sys
 
 # first: Ctrl-C while the libraries below load ends in one line (training/errors.py)
-from training.errors import exit_code  # isort: split
+from training.errors import exit_at_once_on_ctrl_c, exit_code  # isort: split
+
+if __name__ == "__main__":
+    exit_at_once_on_ctrl_c()
 
 import math
 from dataclasses import asdict

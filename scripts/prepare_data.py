@@ -11,7 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import ArgumentParser, exit_code  # isort: split
+from training.errors import ArgumentParser, exit_at_once_on_ctrl_c, exit_code  # isort: split
+
+if __name__ == "__main__":
+    exit_at_once_on_ctrl_c()
 
 from data.corpus import prepare_corpus
 

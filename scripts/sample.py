@@ -22,7 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, data/
 # first: Ctrl-C while the libraries below load ends in one line
-from training.errors import ArgumentParser, UsageError, exit_code  # isort: split
+from training.errors import (  # isort: split
+    ArgumentParser,
+    UsageError,
+    exit_at_once_on_ctrl_c,
+    exit_code,
+)
+
+if __name__ == "__main__":
+    exit_at_once_on_ctrl_c()
 
 import torch
 

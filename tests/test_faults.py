@@ -31,6 +31,16 @@ def metric_rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """The process's output once it ends; killed first if it has not within ``timeout`` s."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"still running {timeout} s after the signal:\n{err[-3000:]}")
+
+
 def one_line_error(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert "Traceback" not in err, err[-3000:]
@@ -271,7 +281,7 @@ def test_ctrl_c_while_a_run_starts_ends_in_one_line_with_status_130(text_file, t
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(after_s)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    _, err = finish(process)
     assert process.returncode == 130, err[-3000:]
     line = one_line_error(err)
     saved = list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))
@@ -290,7 +300,7 @@ def test_sigterm_while_a_run_sets_up_ends_in_one_line_with_status_143(text_file,
     while not list(tmp_path.glob("mini-gpt/*")) and time.monotonic() < deadline:
         time.sleep(0.02)  # until the run folder is made: the run is setting up
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = finish(process)
     assert process.returncode == 143, err[-3000:]
     line = one_line_error(err)
     saved = list(tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt"))

@@ -35,28 +35,37 @@ class Interrupted(Stopped):
         super().__init__(message, signum)
 
 
+@contextlib.contextmanager
+def replacing(path: Path, mode: str = "wb", **open_args):
+    """A file to write in place of ``path``: a temporary file beside it, flushed to disk and then
+    renamed over it, so that a crash or a full disk while writing leaves the previous file whole,
+    never a truncated one."""
+    partial_path = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial_path, mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial_path, path)
+    finally:
+        with contextlib.suppress(OSError):  # (on a read-only disk even this fails)
+            partial_path.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, flushes it to disk, then renames it into
-    place: a crash or a full disk while saving leaves the previous file whole, never a truncated
-    one."""
+    """Writes checkpoints in place of the previous ones (``replacing``): a crash or a full disk
+    while saving leaves the previous file whole; a failure names the file and the one kept."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        partial_path = path.with_name(f".{path.name}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial_path, "wb") as f:
+            with replacing(path) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial_path, path)
         except OSError as e:  # read-only or full: name the file, and the one that is kept
             last = path if path.is_file() else path.with_name("last.ckpt")
             kept = f"; {last} still holds the last good checkpoint" if last.is_file() else ""
             raise OSError(one_line(OSError(e.errno, e.strerror, str(path))) + kept) from e
-        finally:
-            with contextlib.suppress(OSError):  # (on a read-only disk even this fails)
-                partial_path.unlink(missing_ok=True)
 
 
 class Checkpoint(ModelCheckpoint):

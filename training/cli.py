@@ -46,7 +46,7 @@ from .console import ModelSummary, quiet_libraries
 from .errors import Stopped, UsageError
 from .memory import keep_freed_memory
 from .run_state import RunState
-from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers
+from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers, stop_wandb
 
 
 def accelerator_device(accelerator) -> DeviceInfo:
@@ -315,6 +315,7 @@ class CLI(LightningCLI):
             with contextlib.suppress(Exception):  # (a full disk, say: the first error is the one
                 self.finish_run(exit_code=1, announce=not remove)  # to report); a resume reopens
             if remove:  # the wandb run
+                stop_wandb()  # (a start stopped inside wandb's own would write into the folder)
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             if isinstance(e, SIGTERMException):  # Lightning's, on a SIGTERM while setting up
                 raise Stopped("stopped by SIGTERM", signal.SIGTERM) from None

@@ -13,8 +13,9 @@ A command's ``main`` raises, with a message that says what was wrong and how to 
 ``sys.exit(exit_code(main))`` turns each into its line. ``MINIGPT_TRACEBACK=1`` shows the traceback
 instead, for bug reports. Any other exception is a bug and keeps its traceback.
 
-Importing this module also makes Ctrl-C while a command's libraries load (seconds, before ``main``
-runs) end in one line, so entry points import it first. It imports only the standard library.
+Entry points import it first and call ``exit_at_once_on_ctrl_c``, so that Ctrl-C while their
+libraries load (seconds, before ``main`` runs) ends in one line too. It imports only the standard
+library.
 """
 
 import argparse
@@ -44,8 +45,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (--help lists the options)")
 
 
-class Stopped(Exception):
-    """A command stopped on a signal, having saved what it needs (its message says where)."""
+class Stopped(BaseException):
+    """A command stopped on a signal: after saving a checkpoint to resume from, or before it had
+    anything to save (its message says which). A BaseException, as KeyboardInterrupt is: raised
+    from a signal handler at any point, it must not end in a library's ``except Exception``
+    (wandb's start-up has one, which swallowed a SIGTERM and trained on)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -78,9 +82,24 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def exit_at_once_on_ctrl_c() -> None:
+    """Ctrl-C ends the process at once, in one line, until ``exit_code`` runs ``main``: while the
+    libraries load, a KeyboardInterrupt can end in a library's bare ``except`` (it did, and the
+    command went on to train)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_at_once)
+
+
+def _exit_at_once(signum, frame):
+    print("stopped by Ctrl-C", file=sys.stderr, flush=True)
+    os._exit(CTRL_C_STATUS)  # (nothing to save or clean up yet)
+
+
 def exit_code(main: Callable[[], object]) -> int:
     """The exit status of ``main()``: 0, or that of one of the errors above, after printing its
     line."""
+    if signal.getsignal(signal.SIGINT) is _exit_at_once:  # main() handles it: KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = _on_sigterm(_stop_on_sigterm)  # (training has its own, which saves first)
     try:
         main()
@@ -111,12 +130,3 @@ def _on_sigterm(handler):
         return None
     return signal.signal(signal.SIGTERM, handler)
 
-
-def _ctrl_c_while_loading(kind, value, traceback):
-    if issubclass(kind, KeyboardInterrupt):  # before main(): nothing to save or clean up
-        print("stopped by Ctrl-C", file=sys.stderr, flush=True)
-        os._exit(CTRL_C_STATUS)
-    sys.__excepthook__(kind, value, traceback)
-
-
-sys.excepthook = _ctrl_c_while_loading

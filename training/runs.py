@@ -14,6 +14,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from model.device import device_info
 
+from .checkpointing import replacing
 from .errors import UsageError
 
 
@@ -225,17 +227,13 @@ class _StepRowsWriter(ExperimentWriter):
                    for key, value in metrics_dict.items())
 
     def save(self):
+        # the whole file each time (at each checkpoint, and every 100 log calls): ~10k rows, a
+        # long run's at one row per 10 steps, take milliseconds
         keys = ["step", *sorted({key for row in self.rows.values() for key in row} - {"step"})]
-        partial = Path(self.metrics_file_path).with_name(".metrics.csv.partial")
-        try:
-            with open(partial, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(self.rows[step] for step in sorted(self.rows))
-            os.replace(partial, self.metrics_file_path)
-        finally:
-            with contextlib.suppress(OSError):  # (on a read-only disk even this fails)
-                partial.unlink(missing_ok=True)
+        with replacing(Path(self.metrics_file_path), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows[step] for step in sorted(self.rows))
 
 
 class RunCSVLogger(CSVLogger):
@@ -310,9 +308,21 @@ def finish_loggers(loggers: list[Logger], exit_code: int = 0, rank_zero: bool = 
         raise failures[0]
 
 
-def _finish_wandb(run, exit_code: int, announce: bool) -> None:
-    import wandb  # (imported already, by the logger)
+def stop_wandb() -> None:
+    """Stop wandb's service and console capture, if wandb started: nothing more is written into
+    the run's folder (a start stopped half way has a wandb run that no logger holds)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    if wandb.run is not None:  # (its console capture would write on, to a stopped service)
+        with contextlib.suppress(Exception):
+            wandb.run.finish(exit_code=1)
+    with contextlib.suppress(Exception):
+        wandb.teardown()
+    logging.getLogger("wandb").handlers.clear()
 
+
+def _finish_wandb(run, exit_code: int, announce: bool) -> None:
     offline = run.settings.mode == "offline"
     try:
         run.finish(exit_code=exit_code)
@@ -321,8 +331,7 @@ def _finish_wandb(run, exit_code: int, announce: bool) -> None:
         # .wandb file (3 of 30 offline runs read short right after it); stopping the service
         # flushes it, so the file is whole when this run returns. After a failed finish too, so
         # that the next run in this process starts clean (without the failed run's log file)
-        wandb.teardown()
-        logging.getLogger("wandb").handlers.clear()
+        stop_wandb()
     if offline and announce:
         rank_zero_info(f"wandb: logged offline; upload with `wandb sync {Path(run.dir).parent}`")
 
