@@ -48,6 +48,7 @@ from model.optim import build_optimizer
 from training.callbacks import EMA  # noqa: F401 (run configs written before training/ name it)
 from training.cli import CLI, ModelKind, build_cli
 from training.evaluation import final_bleu, log_samples, log_val_bleu
+from training.global_batch import rescale_batches_done
 from training.optimization import check_optimization, lower_lr_advice, take_settings
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +238,7 @@ class TrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
         checkpoint["lr_decay_began_s"] = self._decay_began_s
+        checkpoint["accumulate_grad_batches"] = self.trainer.accumulate_grad_batches
         if self.run_info is not None:
             checkpoint["run"] = self.run_info
         if self.tokenizer is not None:
@@ -247,6 +249,8 @@ class TrainModule(L.LightningModule):
             raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a "
                              f"{self.kind} run")
         self._decay_began_s = checkpoint.get("lr_decay_began_s")
+        if self._trainer is not None:  # resuming a run (not loading weights alone)
+            rescale_batches_done(checkpoint, self.trainer.accumulate_grad_batches)
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
 
@@ -281,6 +285,8 @@ class GPTLightningModule(TrainModule):
                  init_from: str | None = None, **optimization):
         super().__init__(config, **optimization)
         self._flops_shape = None
+        self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes of each token (bits per byte)
+        self._notext_tokens = False  # some tokens have no bytes (GPT-2's <|endoftext|>)
 
     def configure_model(self):
         if self.hparams.compile:
@@ -300,12 +306,41 @@ class GPTLightningModule(TrainModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self.model(x, y)
+        logits, loss = self.model(x, y)
         self._log_val_loss(loss, loss, y.numel())
+        self._count_bytes(logits, loss, y)
+
+    # Bits per byte: the validation NLL in bits over the UTF-8 bytes of the text it predicts, a
+    # measure that does not depend on the tokenizer (a character model and a BPE model compare).
+    # Tokens that are no text (GPT-2's <|endoftext|>) are left out of both sums, as nanochat does.
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._val_bits = torch.zeros(2, device=self.device)  # NLL (nats) of text tokens; bytes
+        if self.tokenizer is not None and self._token_bytes is None:
+            token_bytes = self.tokenizer.token_bytes()
+            self._token_bytes = torch.tensor(token_bytes)
+            self._notext_tokens = min(token_bytes) == 0
+        if self._token_bytes is not None:
+            self._token_bytes = self._token_bytes.to(self.device)
+
+    def _count_bytes(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor):
+        if self._token_bytes is None:
+            return
+        nbytes = self._token_bytes[y]  # (B, T)
+        nll = loss.detach().float() * y.numel()  # summed over every target
+        if self._notext_tokens:  # a vocabulary with no-text tokens: take theirs out
+            notext = nbytes == 0
+            log_probs = F.log_softmax(logits[notext].float(), dim=-1)  # (n, vocab_size)
+            nll = nll + log_probs.gather(-1, y[notext].unsqueeze(-1)).sum()
+        self._val_bits += torch.stack([nll, nbytes.sum().float()])
 
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
         hp = self.hparams
+        if self._token_bytes is not None:
+            nats, nbytes = self.trainer.strategy.reduce(self._val_bits, reduce_op="sum")
+            self.log("val/bpb", nats / (math.log(2) * nbytes.clamp(min=1)), sync_dist=True)
         if (not self.trainer.sanity_checking and self.tokenizer is not None
                 and hp.val_samples > 0 and self.trainer.is_global_zero):
             log_samples(self, hp.val_samples, hp.val_sample_tokens)

@@ -3,10 +3,17 @@
 A source is a local file, glob or folder of ``.txt``, ``.txt.gz``, ``.jsonl``,
 ``.jsonl.gz`` or ``.parquet`` files, a dataset id on the Hugging Face hub
 (``owner/name``), or the name of a text that ships with the project
-(``tiny_shakespeare``, the default: it trains offline on a fresh clone). It
-is read with ``datasets``, tokenized with ``Dataset.map`` and written as
-``train.bin`` / ``val.bin`` (uint16 where the vocabulary fits) in a cache
-folder keyed by source + tokenizer, so a second run starts at once.
+(``tiny_shakespeare``, the default: it trains offline on a fresh clone). The
+tokens go to a cache folder keyed by source + tokenizer (uint16 where the
+vocabulary fits), so a second run starts at once, in one of two ways:
+
+* documents (JSONL or Parquet files, local or a hub dataset's) in GPT-2 BPE,
+  the way a large corpus comes: into token shards, in worker processes, a
+  unit of the files at a time, resuming where an interrupted preparation
+  stopped (``data/shards.py``);
+* plain text, and any source in characters (whose vocabulary is read from
+  the text first): read with ``datasets``, tokenized with ``Dataset.map``
+  and written as ``train.bin`` / ``val.bin``.
 
 Splits: the source's own train and validation splits if it has them (files
 named ``train*`` and ``val*``/``valid*``/``dev*``, or the hub dataset's
@@ -37,6 +44,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .shards import DataSourceError, TokenShards, prepare_shards
 from .tokenizers import CharTokenizer, GPT2Tokenizer, check_tokenizer_name, tokenizer_from_dict
 
 CACHE_VERSION = 1
@@ -53,10 +61,6 @@ BUNDLED = {"tiny_shakespeare": Path(__file__).resolve().parent / "tiny_shakespea
 HUB_VAL_SPLITS = {"karpathy/tiny_shakespeare": ("validation", "test")}
 
 
-class DataSourceError(ValueError):
-    """A data source that cannot be used, with a message that says why and what to do."""
-
-
 @dataclass
 class TokenizedCorpus:
     """Token arrays of the train and val splits in ``folder``, and the tokenizer that made them."""
@@ -66,8 +70,19 @@ class TokenizedCorpus:
     dtype: str
     num_tokens: dict
 
-    def tokens(self, split: str) -> np.memmap:
-        return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
+    splits: dict | None = None  # a sharded corpus's layout (data/shards.py); None: {split}.bin
+
+    def tokens(self, split: str) -> "np.memmap | TokenShards":
+        """The split's tokens, memory-mapped: one array, or the shards of a sharded corpus read as
+        one."""
+        layout = self.splits[split] if self.splits else None
+        if layout is None:
+            return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
+        if len(layout["shards"]) == 1 and layout["start"] == 0:  # one shard: itself, sliced
+            name, _ = layout["shards"][0]
+            return np.memmap(self.folder / name, dtype=self.dtype, mode="r")[:layout["stop"]]
+        return TokenShards(self.folder, layout["shards"], layout["start"], layout["stop"],
+                           self.dtype)
 
 
 def _report(message: str) -> None:
@@ -84,30 +99,52 @@ def default_cache_dir() -> Path:
 
 def prepare_corpus(source: str, tokenizer: str = "char", *, text_column: str = "text",
                    val_fraction: float = 0.1, cache_dir: str | os.PathLike | None = None,
-                   num_proc: int | None = None) -> TokenizedCorpus:
-    """Tokenize ``source`` into the cache (or find it there) and return the corpus."""
+                   num_proc: int | None = None, subset: str | None = None) -> TokenizedCorpus:
+    """Tokenize ``source`` into the cache (or find it there) and return the corpus. ``subset``: the
+    hub dataset's configuration (e.g. FineWeb-Edu's ``sample-10BT``)."""
     check_tokenizer_name(tokenizer)
     if not 0.0 < val_fraction < 1.0:
         raise DataSourceError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if num_proc is not None and num_proc < 1:
+        raise DataSourceError(f"num_proc {num_proc}: give the number of tokenizing processes (1 "
+                              f"or more), or leave it unset")
     files = find_local_files(source)
+    if files and subset is not None:
+        raise DataSourceError(f"--data.subset {subset!r} picks a configuration of a hub dataset; "
+                              f"{source!r} is a local path: leave it unset (--data.subset "
+                              f"null)")
     # the cache folder's name: a hash of everything the tokens depend on, local files by path,
     # size and modification time (an edited file is tokenized again)
     files_id = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files or []]
     identity = {"version": CACHE_VERSION, "tokenizer": tokenizer, "text_column": text_column,
-                "val_fraction": val_fraction, "source": files_id if files else source}
+                "val_fraction": val_fraction, "source": files_id if files else source,
+                **({"subset": subset} if subset is not None else {})}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     name = Path(files[0]).name.split(".")[0] if files else source.replace("/", "--")
     folder = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}-{digest}"
     if not (folder / "meta.json").exists():
-        if files:
-            raw, join_lines = load_local(files), FORMATS[_suffix(files[0])] == "text"
-        else:
-            raw, join_lines = load_hub(source), False
         _report(f"Tokenizing {source!r} with the {tokenizer} tokenizer into {folder}")
-        _write_corpus(raw, tokenizer, text_column, val_fraction, join_lines, folder, num_proc)
+        # documents (JSONL, Parquet) in a fixed vocabulary go to token shards, in parallel and
+        # resumably (data/shards.py); plain text, and characters (whose vocabulary is read from
+        # the text first), through datasets
+        by_split = None
+        if tokenizer != "char":
+            documents = files and FORMATS[_suffix(files[0])] != "text"
+            by_split = split_files(files) if documents else None
+            by_split = _hub_document_files(source, subset) if not files else by_split
+        if by_split:
+            prepare_shards({split: [str(f) for f in paths] for split, paths in by_split.items()},
+                           GPT2Tokenizer(), text_column, folder, val_fraction, num_proc)
+        else:
+            if files:
+                raw, join_lines = load_local(files), FORMATS[_suffix(files[0])] == "text"
+            else:
+                raw, join_lines = load_hub(source, subset=subset), False
+            _write_corpus(raw, tokenizer, text_column, val_fraction, join_lines, folder,
+                          num_proc)
     meta = json.loads((folder / "meta.json").read_text())
     return TokenizedCorpus(folder, tokenizer_from_dict(meta["tokenizer"]), meta["dtype"],
-                           meta["num_tokens"])
+                           meta["num_tokens"], meta.get("splits"))
 
 
 # ---------------------------------------------------------------- finding and loading the source
@@ -157,10 +194,8 @@ def _split_of(path: Path) -> str | None:
     return None
 
 
-def load_local(files: list[Path]):
-    """A DatasetDict with "train" and, when the files name their splits, "val"."""
-    from datasets import load_dataset
-
+def split_files(files: list[Path]) -> dict[str, list[Path]]:
+    """The files of each split: "train" and, when the files name their splits, "val"."""
     by_split = {"train": [f for f in files if _split_of(f) == "train"],
                 "val": [f for f in files if _split_of(f) == "val"]}
     if not (by_split["train"] and by_split["val"]):
@@ -172,6 +207,14 @@ def load_local(files: list[Path]):
     if all(f.stat().st_size == 0 for f in files):
         raise DataSourceError(f"{[str(f) for f in files][:3]} {'is' if len(files) == 1 else 'are'} "
                               "empty: there is no text to train on")
+    return by_split
+
+
+def load_local(files: list[Path]):
+    """A DatasetDict with "train" and, when the files name their splits, "val"."""
+    from datasets import load_dataset
+
+    by_split = split_files(files)
     builder = FORMATS[_suffix(files[0])]
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     data_files = {split: [str(f) for f in fs] for split, fs in by_split.items()}
@@ -210,9 +253,11 @@ def hub_reachable(timeout: float = 1.0) -> bool:
 
 def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt, or --data.source "
                                           "tiny_shakespeare for the copy that ships with the "
-                                          "project", keep_test: bool = False):
+                                          "project", keep_test: bool = False,
+             subset: str | None = None):
     """A hub dataset's DatasetDict: from the local HF cache if it is there, else downloaded.
-    ``keep_test``: with its ``test`` split too, where it has one that is not part of val.
+    ``keep_test``: with its ``test`` split too, where it has one that is not part of val;
+    ``subset``: the dataset's configuration, where it has several.
 
     Offline and not cached, fails at once (instead of ~20 s of retries), with ``hint`` saying where
     else the data can come from."""
@@ -220,18 +265,45 @@ def load_hub(dataset_id: str, hint: str = "e.g. --data.source path/to/input.txt,
 
     splits = partial(_hub_splits, dataset_id=dataset_id, keep_test=keep_test)
     with contextlib.suppress(Exception), _hub_offline():
-        return splits(load_dataset(dataset_id))
+        return splits(load_dataset(dataset_id, subset))
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
             or not hub_reachable():
         raise DataSourceError(
             f"{dataset_id!r} is not a local path, not in the Hugging Face cache, and the hub "
             f"cannot be reached (offline). Pass a local path instead: {hint}.")
     try:
-        return splits(load_dataset(dataset_id))
+        return splits(load_dataset(dataset_id, subset))
     except Exception as e:
         raise DataSourceError(f"could not load {dataset_id!r} from the hub: {type(e).__name__}: "
                               f"{e}. Download its text and pass a local path instead: "
                               f"{hint}.") from e
+
+
+def _hub_document_files(dataset_id: str, subset: str | None) -> dict[str, list[str]] | None:
+    """The data files of a hub dataset (``hf://`` URLs of its train and val splits, which the
+    tokenizing workers download into the Hugging Face cache) when they are all Parquet or JSONL
+    files, as a large corpus is: they are tokenized into shards, in parallel (data/shards.py). None
+    where they are not, or where they cannot be listed: ``load_hub`` then reads the dataset, and
+    says what is wrong."""
+    from datasets import load_dataset_builder
+
+    builder = None
+    with contextlib.suppress(Exception), _hub_offline():  # listed in the cache already
+        builder = load_dataset_builder(dataset_id, subset)
+    if builder is None and hub_reachable():
+        with contextlib.suppress(Exception):
+            builder = load_dataset_builder(dataset_id, subset)
+    files = dict(builder.config.data_files or {}) if builder is not None else {}
+    if "train" not in files:
+        return None
+    published = HUB_VAL_SPLITS.get(dataset_id)
+    val = published if published and all(s in files for s in published) else \
+        [next((s for s in VAL_SPLIT_NAMES if s in files), None)]
+    by_split = {"train": list(files["train"]),
+                "val": [f for s in val if s is not None for f in files[s]]}
+    by_split = {split: paths for split, paths in by_split.items() if paths}
+    every = [p.lower().removesuffix(".gz") for paths in by_split.values() for p in paths]
+    return by_split if all(p.endswith((".parquet", ".jsonl")) for p in every) else None
 
 
 def _hub_splits(ds, dataset_id: str, keep_test: bool = False):

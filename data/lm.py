@@ -1,14 +1,16 @@
 """Lightning DataModule for language modelling on a tokenized corpus.
 
 Training batches are random windows of ``block_size + 1`` tokens (x = window[:-1],
-y = window[1:]), drawn endlessly, as nanoGPT does; each process (DDP rank,
-loader worker) draws from its own random stream, and a resumed run goes on
-where the stream stopped. Validation batches are the
-split cut into consecutive windows, in a fixed shuffled order, so every
+y = window[1:]), drawn endlessly, as nanoGPT does; each batch from a random
+generator seeded by its optimizer step and its place in the step, so that the
+windows of a step are the same on any number of processes (DDP ranks, loader
+workers) and a resumed run goes on where the stream stopped. Validation
+batches are the split cut into consecutive windows, in a fixed shuffled order, so every
 evaluation sees the same batches and ``limit_val_batches`` takes a spread-out
 sample of the split rather than its beginning.
 """
 
+import itertools
 import math
 from functools import cached_property
 
@@ -35,34 +37,35 @@ def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RandomWindows(IterableDataset):
-    """Endless batches of ``batch_size`` random windows; one random stream per (seed, rank, worker).
+    """Endless batches of ``batch_size`` random windows, each batch drawn from a random generator of
+    its own, seeded by (seed, optimizer step, slot): the slot of a batch is its place among the
+    ``world_size x accumulate`` batches that make up one optimizer step (this process's ``rank``
+    times ``accumulate``, plus the batch's place in the accumulation).
 
-    ``start`` batches are skipped, so that a resumed run sees the batches an uninterrupted one would
-    (with the same ``num_workers``): the loader takes batch k from worker k % W, so worker w takes
-    up the stream of worker (w + start) % W, fast-forwarded past the batches that stream already
-    gave."""
+    So an optimizer step trains on the same windows however its batches are spread: N processes
+    accumulating A batches see what one process accumulating N x A batches sees, and a resumed run
+    (``start``: the batches this process has trained on) goes on with the batches an uninterrupted
+    one would have had, with any number of loader workers."""
 
     def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int,
-                 seed: int, rank: int = 0, start: int = 0):
+                 seed: int, rank: int = 0, accumulate: int = 1, start: int = 0):
         self.corpus, self.split = corpus, split
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.rank, self.start = rank, start
+        self.rank, self.accumulate, self.start = rank, accumulate, start
+
+    def batch_seed(self, batch: int) -> list[int]:
+        """The seed of this process's batch number ``batch`` (counted from the run's start)."""
+        step, place = divmod(batch, self.accumulate)
+        return [self.seed, step, self.rank * self.accumulate + place]
 
     def __iter__(self):
         tokens = self.corpus.tokens(self.split)  # memory-mapped, opened in the worker
         worker = get_worker_info()
-        num_workers = worker.num_workers if worker else 1
-        # Which stream this worker continues: batch `start` (the next one to train on) comes from
-        # worker 0, and it is batch number `start` of the whole run, so it belongs to the stream
-        # of worker start % num_workers in an uninterrupted run.
-        stream = ((worker.id if worker else 0) + self.start) % num_workers
-        rng = np.random.default_rng([self.seed, self.rank, stream])
+        # the loader takes batch k from worker k % W: worker w gives batches start + w, + W, ...
+        first, every = (self.start + worker.id, worker.num_workers) if worker else (self.start, 1)
         high, span = len(tokens) - self.block_size, np.arange(self.block_size + 1)
-        # replay the draws of this stream's batches that were already trained on (stream, stream
-        # + W, ... below start): cheap, and the generator is then where it was at the interruption
-        for _ in range(stream, self.start, num_workers):
-            rng.integers(0, high, size=self.batch_size)
-        while True:
+        for batch in itertools.count(first, every):
+            rng = np.random.default_rng(self.batch_seed(batch))
             # a window may start anywhere its block_size + 1 tokens fit: (B, block_size + 1)
             starts = rng.integers(0, high, size=self.batch_size)
             yield _windows_to_xy(tokens[starts[:, None] + span])
@@ -104,16 +107,19 @@ class LMDataModule(L.LightningDataModule):
         val_fraction: share of the tokens held out for validation when the source has no val split.
         cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or
             ``~/.cache/minigpt``).
-        num_proc: processes for tokenizing (``datasets.map``); None tokenizes in this process.
+        num_proc: processes for tokenizing. None: every core for documents in GPT-2 BPE (token
+            shards, data/shards.py), this process for plain text and characters.
         num_workers: DataLoader workers.
         seed: seed of the training windows and the order of the validation windows.
+        subset: the configuration of a hub dataset that has several (``load_dataset``'s
+            ``name``), e.g. ``sample-10BT`` of ``HuggingFaceFW/fineweb-edu``.
     """
 
     def __init__(self, source: str = "tiny_shakespeare", tokenizer: str = "char",
                  block_size: int = 256, batch_size: int = 64, text_column: str = "text",
                  val_fraction: float = 0.1,
                  cache_dir: str | None = None, num_proc: int | None = None, num_workers: int = 0,
-                 seed: int = 1337):
+                 seed: int = 1337, subset: str | None = None):
         super().__init__()
         check_tokenizer_name(tokenizer)
         if block_size < 1 or batch_size < 1:
@@ -127,7 +133,7 @@ class LMDataModule(L.LightningDataModule):
         hp = self.hparams
         return prepare_corpus(hp.source, hp.tokenizer, text_column=hp.text_column,
                               val_fraction=hp.val_fraction, cache_dir=hp.cache_dir,
-                              num_proc=hp.num_proc)
+                              num_proc=hp.num_proc, subset=hp.subset)
 
     @property
     def tokenizer(self):
@@ -159,11 +165,12 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        rank, done = 0, 0
+        rank, accumulate, done = 0, 1, 0
         if self.trainer is not None:  # a resumed run's windows go on where it stopped
-            rank, done = self.trainer.global_rank, batches_trained(self.trainer)
+            rank, accumulate = self.trainer.global_rank, self.trainer.accumulate_grad_batches
+            done = batches_trained(self.trainer)
         return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size,
-                                          hp.seed, rank, done))
+                                          hp.seed, rank, accumulate, done))
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -64,6 +64,10 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each token's text (bits per byte divide by them)."""
+        return [len(c.encode("utf-8")) for c in self.chars]
+
     def to_dict(self) -> dict:
         return {"name": self.name, "chars": self.chars}
 
@@ -106,6 +110,13 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each token's text; 0 for ``<|endoftext|>``, which marks a document's end
+        and is no text (bits per byte leave it out, as nanochat does)."""
+        special = {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
+        return [0 if i in special else len(self.encoding.decode_single_token_bytes(i))
+                for i in range(self.vocab_size)]
 
     def to_dict(self) -> dict:
         return {"name": self.name}

@@ -8,9 +8,12 @@ Why a rule and not one default: bf16 autocast is 1.4x faster than fp32 on a CPU 
 (or AMX) instructions, and ~13x *slower* on one without them (AVX2 only), where PyTorch emulates it
 (docs/speed.md has the measurements). GPUs before Ampere (V100, T4) have no bf16 either, and take
 fp16 with a loss scaler instead.
+
+``peak_flops`` gives the dense peak that MFU is measured against, from a table of common GPUs.
 """
 
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,26 @@ DEVICE_TYPES = ("cuda", "mps", "cpu")
 # slow in bf16 there); its T x T matrices cost more as T grows, so past this context the fused
 # path is used.
 NAIVE_BF16_CPU_MAX_T = 128
+
+# Dense bf16 (= fp16) tensor-core peak of one GPU in TFLOP/s, by a lower-case fragment of the name
+# torch.cuda.get_device_name() gives. Source: NVIDIA's datasheets and architecture whitepapers,
+# whose tensor figures from Ampere on are "with sparsity" (marked *): dense is half of those (the
+# V100's and T4's are dense already). MFU is against the dense peak: training runs no 2:4-sparse
+# matmuls. (Lightning's table has the sparse figures for the H200 and H100 NVL, the non-tensor
+# FP32 rate as the RTX 4090's bf16, and no entry for "NVIDIA H200", the name of an H200 SXM.) The
+# GeForce figures are with FP32 accumulate, what PyTorch's matmuls use; those GPUs run
+# FP16-accumulate matmuls twice as fast.
+DENSE_PEAK_TFLOPS = {
+    "h100 80gb hbm3": 989.4, "h100 sxm": 989.4, "h100 pcie": 756.0, "h100 nvl": 835.5,
+    "h200": 989.4, "h200 nvl": 835.5, "gh200": 989.4,  # "NVIDIA H200" is the SXM part
+    "b200": 2250.0,
+    "a100": 312.0, "a10": 125.0,  # the A100's SXM and PCIe parts have the same peak
+    "l4": 121.0, "l40s": 362.05, "l40": 181.0,
+    "rtx 4090": 165.2, "rtx 3090": 71.0,
+    "v100": 125.0, "t4": 65.0,  # fp16 only (see FP16_ONLY)
+}
+# GPUs before Ampere: fp16 tensor cores, but no bf16 and no TF32
+FP16_ONLY = frozenset({"v100", "t4"})
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,49 @@ def unsupported_precision(info: DeviceInfo, precision: str) -> str | None:
                 f"train in bf16-mixed instead); use --trainer.precision auto (what this CPU runs "
                 f"fastest) or name the precision to run, e.g. 32-true or bf16-mixed")
     return None
+
+
+def peak_dtype(precision: str, tf32: bool = True) -> str | None:
+    """The tensor-core number format a Lightning precision multiplies matrices in: "bf16", "fp16",
+    "tf32" (fp32 weights, where ``tf32``: PyTorch uses TF32 matmuls on GPUs that have them when
+    ``torch.get_float32_matmul_precision() != "highest"``), or None (plain fp32, fp64, others)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    if precision.startswith("32") and tf32:
+        return "tf32"
+    return None
+
+
+def gpu_table_key(device_name: str) -> str | None:
+    """The entry of ``DENSE_PEAK_TFLOPS`` for a device name, or None.
+
+    A fragment counts where it stands as whole words of the name: "a10" is not the "a10" of
+    "NVIDIA A100" or "NVIDIA A10G" (a different GPU, with no entry: its peak is not published),
+    nor "l4" that of "NVIDIA L40S". Of the fragments that count, the longest wins: the most
+    specific one, "h100 nvl" over "h100" in "NVIDIA H100 NVL", "h200 nvl" over "h200"."""
+    name = device_name.lower()
+    found = [key for key in DENSE_PEAK_TFLOPS
+             if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", name)]
+    return max(found, key=len, default=None)
+
+
+def peak_flops(device_name: str, precision: str, tf32: bool = True) -> float | None:
+    """Dense peak FLOP/s of one device at a Lightning precision ("bf16-mixed", "16-true",
+    "32-true" ...), from ``DENSE_PEAK_TFLOPS``; None where it has no figure: an unknown device
+    (any CPU: their peaks vary with cores, clock and vector width), bf16 or TF32 on a GPU without
+    them, plain fp32 (``tf32`` False) or fp64.
+
+    tf32: fp32 matmuls run in TF32 (``torch.get_float32_matmul_precision() != "highest"``,
+    train.py's "high"); the TF32 peak is half the bf16 one on every GPU of the table.
+    """
+    key, dtype = gpu_table_key(device_name), peak_dtype(precision, tf32)
+    if key is None or dtype is None or (key in FP16_ONLY and dtype != "fp16"):
+        return None
+    tflops = DENSE_PEAK_TFLOPS[key] / 2 if dtype == "tf32" else DENSE_PEAK_TFLOPS[key]
+    return tflops * 1e12
 
 
 def resolve_device(accelerator: str | None = "auto") -> str:

@@ -5,6 +5,7 @@ fastest of them and against a bare PyTorch loop doing the same work.
     python scripts/bench_train.py --variants auto:auto sdpa:32-true naive:bf16-mixed --steps 50
     python scripts/bench_train.py --config configs/shakespeare_char.yaml --device cuda \\
         --variants auto:auto sdpa:bf16-mixed flash:bf16-mixed sdpa:bf16-mixed:compile
+    python scripts/bench_train.py --variants auto:auto --peak-flops 1.2e12  # MFU on a CPU
 
 A variant is ATTN_IMPL:PRECISION[:compile]; ``auto`` resolves as train.py resolves it for the device
 (model/device.py), and the table shows what it became. Each variant is trained --repeats times two
@@ -13,6 +14,9 @@ through train.py's Lightning path (its CLI, callbacks and loggers as a run has t
 no validation; one checkpoint at the end) and through a bare loop that does the same work (same
 module, optimizer, LR schedule, clipping, autocast, batches, gradient accumulation). Times are over
 the last --steps steps.
+MFU is the Lightning loop's tokens/s times the model's training FLOPs per token
+(``GPT.flops_per_token``), over the dense peak FLOP/s of one device at the variant's precision:
+model/device.py's table of GPUs, or --peak-flops (which a CPU needs).
 Flags this script does not know go to train.py's CLI (e.g. --model.config.n_layer 2). Prints a
 markdown table and the machine it ran on.
 """
@@ -35,7 +39,7 @@ import lightning as L
 import torch
 
 import train
-from model.device import device_info
+from model.device import device_info, peak_flops
 from scripts._common import add_device_argument, pick_device
 from training.cli import model_kind
 
@@ -74,16 +78,27 @@ def ms_per_step(times: list[float], steps: int) -> float:
     return 1000 * (times[-1] - times[-1 - steps]) / steps
 
 
-def lightning_run(args, variant) -> tuple[float, str, str, int]:
-    """ms per optimizer step through Lightning, the resolved attention path and precision, and
-    tokens per step (every batch's, with gradient accumulation)."""
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: the FLOP/s the model's arithmetic needs at this speed, over the
+    device's peak FLOP/s; None where the peak is unknown."""
+    return None if peak is None else tokens_per_s * flops_per_token / peak
+
+
+def lightning_run(args, variant) -> tuple[float, str, str, int, int, float | None]:
+    """ms per optimizer step through Lightning, the resolved attention path and precision, tokens
+    per step (every batch's, with gradient accumulation), training FLOPs per token, and the peak
+    GPU memory allocated in GiB (None on other devices)."""
     cli = build(args, *variant)
     clock = StepClock()
     cli.trainer.callbacks.append(clock)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, cli.datamodule)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     x, _ = next(iter(cli.datamodule.train_dataloader()))
     return (ms_per_step(clock.times, args.steps), cli.model.model.config.attn_impl,
-            str(cli.trainer.precision), x.numel() * cli.trainer.accumulate_grad_batches)
+            str(cli.trainer.precision), x.numel() * cli.trainer.accumulate_grad_batches,
+            cli.model.model.flops_per_token(x.size(1)), memory)
 
 
 def bare_run(args, variant) -> float:
@@ -135,6 +150,10 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3, help="runs of each loop; the best counts")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's own choice)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="peak FLOP/s of one device, for every variant's MFU (default: "
+                        "model/device.py's table of GPUs, at each variant's precision; a CPU "
+                        "needs it, e.g. 1.2e12)")
     args, args.train_flags = p.parse_known_args(argv)  # the rest goes to train.py's CLI
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
@@ -150,6 +169,9 @@ def parse_args(argv):
                     f"e.g. sdpa:32-true or auto:auto")
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--steps and --repeats must be at least 1, --warmup at least 0")
+    if args.peak_flops is not None and not 0 < args.peak_flops < float("inf"):
+        p.error(f"--peak-flops {args.peak_flops:g}: give one device's peak FLOP/s, above 0 "
+                f"(e.g. 1.2e12)")
     return args
 
 
@@ -168,11 +190,12 @@ def main(argv=None):
             variant = (attn_impl, precision, rest == ["compile"])
             lightning, bare = [], []
             for _ in range(args.repeats):  # alternate, keep each one's best: noise only slows
-                ms, resolved_attn, resolved_precision, tokens = lightning_run(args, variant)
+                ms, resolved_attn, resolved_precision, tokens, flops_per_token, memory = \
+                    lightning_run(args, variant)
                 lightning.append(ms)
                 bare.append(bare_run(args, variant))
             rows.append((spec, resolved_attn, resolved_precision, variant[2], min(lightning),
-                         min(bare), tokens))
+                         min(bare), tokens, flops_per_token, memory))
     finally:
         shutil.rmtree(args.run_dir, ignore_errors=True)
 
@@ -181,14 +204,27 @@ def main(argv=None):
     print(f"\n{Path(args.config).name}, {info.describe()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup}, "
           f"best of {args.repeats}\n")
-    print("| variant | attn_impl | precision | compile | ms/step | tokens/s | bare loop ms/step "
-          "| Lightning overhead | vs fastest |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for spec, attn_impl, precision, compiled, ms, bare_ms, tokens in rows:
+    print("| variant | attn_impl | precision | compile | ms/step | tokens/s | MFU | GPU memory "
+          "| bare loop ms/step | Lightning overhead | vs fastest |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    tf32 = torch.get_float32_matmul_precision() != "highest"  # as train.py set it
+    unknown = []  # precisions with no peak
+    for spec, attn_impl, precision, compiled, ms, bare_ms, tokens, flops_per_token, memory in rows:
         overhead = 100 * (ms - bare_ms) / bare_ms
+        peak = args.peak_flops or peak_flops(info.name, precision, tf32=tf32)
+        utilization = mfu(1000 * tokens / ms, flops_per_token, peak)
+        if utilization is None and precision not in unknown:
+            unknown.append(precision)
         print(f"| {spec} | {attn_impl} | {precision} | {'yes' if compiled else 'no'} | "
-              f"{ms:.1f} | {1000 * tokens / ms:,.0f} | {bare_ms:.1f} | {overhead:+.1f}% | "
-              f"{ms / fastest:.2f}x |")
+              f"{ms:.1f} | {1000 * tokens / ms:,.0f} | "
+              f"{'-' if utilization is None else f'{100 * utilization:.3g}%'} | "
+              f"{'-' if memory is None else f'{memory:.1f} GiB'} | {bare_ms:.1f} | "
+              f"{overhead:+.1f}% | {ms / fastest:.2f}x |")
+    # (every variant trains the same model: one count)
+    print(f"\nFLOPs per token (training, 6N + 12·L·C·T): {rows[0][7]:,}")
+    if unknown:
+        print(f"MFU: no peak FLOP/s known for {info.name} at {', '.join(unknown)}; give one "
+              f"device's peak with --peak-flops (e.g. --peak-flops 1.2e12)")
 
 if __name__ == "__main__":
     sys.exit(exit_code(main))

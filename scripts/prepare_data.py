@@ -2,6 +2,10 @@
 
     python scripts/prepare_data.py input.txt
     python scripts/prepare_data.py 'shards/*.jsonl.gz' --tokenizer gpt2 --num-proc 8
+    python scripts/prepare_data.py HuggingFaceFW/fineweb-edu --subset sample-10BT --tokenizer gpt2
+
+Documents (JSONL, Parquet) in GPT-2 BPE are tokenized into shards on every core; an interrupted
+preparation, run again, does only what was left (data/shards.py).
 
 Training with the same --data.source, --data.tokenizer (and --data.cache_dir) then starts at once.
 """
@@ -32,7 +36,12 @@ def parse_args(argv=None):
                    help="share held out for validation when the source has no val split")
     p.add_argument("--cache-dir", "--cache_dir", default=None,
                    help="token cache folder (default $MINIGPT_CACHE or ~/.cache/minigpt)")
-    p.add_argument("--num-proc", "--num_proc", type=int, default=None, help="tokenizing processes")
+    p.add_argument("--num-proc", "--num_proc", type=int, default=None,
+                   help="tokenizing processes (default: every core for documents in GPT-2 BPE, "
+                        "one otherwise)")
+    p.add_argument("--subset", default=None,
+                   help="the hub dataset's configuration, e.g. sample-10BT of "
+                        "HuggingFaceFW/fineweb-edu")
     return p.parse_args(argv)
 
 
@@ -40,7 +49,7 @@ def main(argv=None):
     args = parse_args(argv)
     corpus = prepare_corpus(args.source, args.tokenizer, text_column=args.text_column,
                             val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-                            num_proc=args.num_proc)
+                            num_proc=args.num_proc, subset=args.subset)
     print(f"{corpus.folder}")
     print(f"tokenizer {corpus.tokenizer.name}, vocabulary {corpus.tokenizer.vocab_size}, "
           f"stored as {corpus.dtype}")

@@ -4,6 +4,7 @@ would shadow them if it let them."""
 
 import functools
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,11 @@ def foreign_cwd(tmp_path_factory) -> Path:
 
 def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
     """Arguments for each script, on the smallest inputs it takes."""
+    hellaswag = out / "hellaswag.jsonl"  # two items in HellaSwag's format, in the text's words
+    out.mkdir(parents=True, exist_ok=True)
+    endings = ["sat.", "ran.", "flew.", "on."]
+    hellaswag.write_text("".join(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n"
+                                 for ctx, label in (("The cat", 0), ("A bird", 2))))
     return {
         # the recipe variant: a study's variant that gives its own config
         "ablate": ["recipe", "--variants", "recipe", "--out", str(out / "ablation"),
@@ -53,6 +59,7 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
                         "--data.cache_dir", str(out / "cache"), *GPT_RUN,
                         "--trainer.accumulate_grad_batches", "2"],  # steps of 2 batches
         "export_hf": ["--ckpt", str(ckpts["gpt"]), "--out", str(out / "exported")],
+        "hellaswag": [str(ckpts["gpt"]), "--data", str(hellaswag), "--device", "cpu"],
         "compare_runs": [str(ckpts["gpt_run"]), str(ckpts["seq2seq_run"]), "--all-settings",
                          "--plot", str(out / "compare.png")],
         "plot_attention": ["--ckpt", str(ckpts["gpt"]), "--text", "The cat", "--out",
@@ -69,7 +76,7 @@ EXPECTED_OUTPUT = {"ablate": "steps to 1.88", "bench_attention": "| T |",
                    "bench_generate": "tokens/s",
                    "bench_optim": "| Muon, 5 Newton-Schulz iterations in fp32",
                    "bench_train": "| auto:auto |", "compare_runs": "best val/loss",
-                   "export_hf": "model.safetensors",
+                   "export_hf": "model.safetensors", "hellaswag": "items, acc",
                    "plot_attention": "", "prepare_data": "train", "sample": "The",
                    "translate": "sacreBLEU"}
 
@@ -92,7 +99,8 @@ def test_script_runs_end_to_end_on_tiny_inputs(script, checkpoints, tmp_path, ca
 # data/, model/ and training/, never the user's. The inference scripts come first: loading a
 # checkpoint, sampling, translating, plotting and tokenizing need no Lightning (and so no train.py),
 # as nanoGPT's sample.py needs only torch and the model
-LIGHTNING_FREE = ["sample", "translate", "plot_attention", "bench_generate", "prepare_data"]
+LIGHTNING_FREE = ["sample", "translate", "plot_attention", "bench_generate", "prepare_data",
+                  "hellaswag"]
 IMPORT_EVERY_SCRIPT = """
 import runpy, sys
 lightning_free, scripts = sys.argv[1].split(","), sys.argv[2].split(",")

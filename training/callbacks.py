@@ -1,10 +1,15 @@
 """Callbacks a run can have beside its checkpoints: an EMA of the weights, throughput and MFU, and
 the time to a target validation loss."""
 
+import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
+
+from model.device import peak_dtype
+from model.device import peak_flops as table_peak_flops  # (self.peak_flops: the user's)
 
 from .errors import UsageError
 from .run_state import RunState
@@ -36,12 +41,17 @@ class EMA(WeightAveraging):
 
 class Throughput(ThroughputMonitor):
     """Logs tokens/s (``train/device/items_per_sec``) every log interval and, where the device's
-    peak FLOP/s is known, MFU (``train/device/mfu``): from Lightning's table of common GPUs, or
-    ``peak_flops`` (FLOP/s of one device at the training precision) when given, e.g. for a CPU.
-    The module sets ``flops_per_batch`` for each batch.
+    peak FLOP/s is known, MFU (``train/device/mfu``, against the peak of one device). The peak is
+    ``peak_flops`` when given; else, on a GPU, the dense tensor-core peak at the training precision
+    from model/device.py's table (``peak_flops``), and Lightning's table only where ours has no
+    figure (a GPU it lacks, plain fp32): Lightning's has sparse figures for some GPUs and misses
+    the H200. A CPU needs ``peak_flops``: there is no table (CPUs' peaks vary with cores, clock and
+    vector width). Prints the peak it uses once. On a GPU it also logs the most memory the
+    training has held (``train/device/max_memory_gib``, PyTorch's allocations on this process's
+    GPU). The module sets ``flops_per_batch`` for each batch.
 
     Args:
-        peak_flops: peak FLOP/s of one device; overrides the table.
+        peak_flops: peak FLOP/s of one device at the training precision; overrides the tables.
         window_size: batches averaged over.
     """
 
@@ -50,10 +60,17 @@ class Throughput(ThroughputMonitor):
             raise UsageError(f"--throughput.window_size {window_size}: give 2 or more batches")
         if peak_flops is not None and not peak_flops > 0:
             raise UsageError(f"--throughput.peak_flops {peak_flops}: give the device's peak FLOP/s "
-                             f"(above 0), or null to take it from Lightning's table")
+                             f"(above 0), or null to take it from the table of GPUs")
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size,
                          length_fn=lambda batch: batch[0].numel())
         self.peak_flops = peak_flops
+        self._peak_line: str | None = None  # the peak last printed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+        memory = max_memory_gib(pl_module.device)
+        if memory is not None:  # (logged as the loss is: at the log interval)
+            pl_module.log("train/device/max_memory_gib", memory)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs):
         # timed (the training clock leaves validations out), not logged: Lightning logs it at the
@@ -62,11 +79,36 @@ class Throughput(ThroughputMonitor):
             self._update(trainer, pl_module, batch, iter_num=0)  # (iter_num: unused)
 
     def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        if self.peak_flops:  # Lightning's Throughput takes no peak of ours: set it on each
-            self.available_flops = self.peak_flops
+        peak, source = self.peak_flops, "--throughput.peak_flops"
+        device = trainer.strategy.root_device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        if peak is None and device.type == "cuda":
+            precision = str(trainer.precision)
+            tf32 = torch.get_float32_matmul_precision() != "highest"
+            peak = table_peak_flops(name, precision, tf32=tf32)
+            source = f"{name}, {peak_dtype(precision, tf32)} dense peak"
+        with warnings.catch_warnings():
+            if peak is not None:  # Lightning's look-up, unused then, warns of GPUs it lacks
+                warnings.filterwarnings("ignore", message="FLOPs not found|.* does not support")
+            super().setup(trainer, pl_module, stage)  # sets available_flops from Lightning's table
+        if peak is None:  # Lightning's figure, if it has one (it warns where it has none)
+            peak, source = self.available_flops, f"{name}, Lightning's table"
+        else:  # Lightning's Throughput takes no peak of ours: set it on each
+            self.available_flops = peak
             for throughput in self._throughputs.values():
-                throughput.available_flops = self.peak_flops
+                throughput.available_flops = peak
+        line = f"MFU against {peak / 1e12:g} TFLOP/s ({source})" if peak else None
+        if line and line != self._peak_line:  # (setup runs again for each fit, validate ...)
+            self._peak_line = line
+            rank_zero_info(line)
+
+
+def max_memory_gib(device: torch.device) -> float | None:
+    """The most memory PyTorch has allocated on a CUDA ``device`` so far, in GiB (a host-side
+    counter: no synchronisation); None on other devices."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 class TargetLoss(L.Callback):

@@ -44,9 +44,11 @@ from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
 from .console import ModelSummary, quiet_libraries
 from .errors import Stopped, UsageError
+from .global_batch import apply_tokens_per_step
 from .memory import keep_freed_memory
 from .run_state import RunState
 from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers, stop_wandb
+from .trainer_checks import check_length, check_strategy
 
 
 def accelerator_device(accelerator) -> DeviceInfo:
@@ -150,6 +152,16 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_argument("--tokens_per_step", type=int | None, default=None,
+                            help="tokens per optimizer step over all processes (a GPT's global "
+                                 "batch): sets trainer.accumulate_grad_batches from the "
+                                 "micro-batch and the number of processes, and reads "
+                                 "trainer.val_check_interval as optimizer steps "
+                                 "(training/global_batch.py)")
+        parser.add_argument("--max_tokens", type=int | None, default=None,
+                            help="training budget in tokens, with --tokens_per_step: sets "
+                                 "trainer.max_steps, where it is -1, to max_tokens / "
+                                 "tokens_per_step")
         parser.add_argument("--target_loss", type=float | None, default=None,
                             help="report the step and time at which val/loss first reaches this "
                                  "(training.callbacks.TargetLoss)")
@@ -169,6 +181,7 @@ class CLI(LightningCLI):
         config = self._subconfig(self.config)
         trainer, model_config = config.trainer, config.model.config
         check_length(trainer)
+        check_strategy(trainer, config.model)
         info = accelerator_device(trainer.accelerator)
         if (why := unsupported_precision(info, trainer.precision)) is not None:
             raise UsageError(why)
@@ -206,8 +219,11 @@ class CLI(LightningCLI):
         resume.check_ckpt_path(ckpt_path)
         self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.model_kind.name)
         if subcommand == "fit":
-            resume.check_steps_left(ckpt_path, config.trainer.max_steps,
-                                    self._checkpoint["global_step"])
+            max_steps = config.trainer.max_steps
+            if max_steps in (None, -1) and config.get("max_tokens") \
+                    and config.get("tokens_per_step"):  # the length is the token budget's
+                max_steps = config.max_tokens // config.tokens_per_step
+            resume.check_steps_left(ckpt_path, max_steps, self._checkpoint["global_step"])
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)
         ours = model.as_dict()
@@ -284,10 +300,22 @@ class CLI(LightningCLI):
             # the bar redraws when the loggers write, not at every step (a redraw costs ~1 ms)
             callbacks.append(TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
         try:
-            return super().instantiate_trainer(**{**kwargs, "logger": loggers,
-                                                  "plugins": plugins, "callbacks": callbacks})
+            trainer = super().instantiate_trainer(**{**kwargs, "logger": loggers,
+                                                     "plugins": plugins, "callbacks": callbacks})
         except MisconfigurationException as e:  # Lightning's checks of the Trainer's options
             raise UsageError(f"--trainer: {e}") from None
+        if config.get("max_tokens") is not None and config.get("tokens_per_step") is None:
+            raise UsageError("--max_tokens needs --tokens_per_step (the tokens of one step), or "
+                             "give --trainer.max_steps instead")
+        if config.get("tokens_per_step") is not None:
+            if self.model_kind.name != "gpt":
+                raise UsageError("--tokens_per_step sets a GPT's global batch; a translation "
+                                 "run's batches are budgets of tokens already "
+                                 "(--data.max_tokens): leave it unset")
+            data = self.datamodule.hparams
+            apply_tokens_per_step(trainer, config.tokens_per_step, data.batch_size,
+                                  data[self.model_kind.seq_len_option], config.get("max_tokens"))
+        return trainer
 
     def _run_subcommand(self, subcommand):
         # The worker processes of a multi-process run start from the command line again and take
@@ -346,25 +374,6 @@ class CLI(LightningCLI):
     def finish_run(self, exit_code: int = 0, announce: bool = True):
         finish_loggers(self.trainer.loggers, exit_code, rank_zero=self.trainer.is_global_zero,
                        announce=announce)
-
-
-def check_length(trainer) -> None:
-    """A run that would train no step, or whose steps, validations or logs Lightning would count
-    wrong, ends the start."""
-    if trainer.max_steps == 0 or trainer.limit_train_batches in (0, 0.0):
-        option = "max_steps" if trainer.max_steps == 0 else "limit_train_batches"
-        raise UsageError(f"--trainer.{option} 0 trains nothing: give a number of steps (or "
-                         f"batches) of 1 or more")
-    if trainer.max_steps is not None and trainer.max_steps < -1:
-        raise UsageError(f"--trainer.max_steps {trainer.max_steps}: give a number of steps of 1 "
-                         f"or more, or -1 to train until --trainer.max_time")
-    interval = trainer.val_check_interval
-    if interval is not None and not isinstance(interval, bool) and interval <= 0:
-        raise UsageError(f"--trainer.val_check_interval {interval}: give the training steps "
-                         f"between validations (1 or more)")
-    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
-        raise UsageError(f"--trainer.log_every_n_steps {trainer.log_every_n_steps}: give the "
-                         f"steps between logged training metrics (1 or more)")
 
 
 TRAINER_DEFAULTS = {

@@ -337,7 +337,8 @@ def _finish_wandb(run, exit_code: int, announce: bool) -> None:
 
 
 # wandb run summaries keep the best value of these (and the last): val loss is best low, BLEU high
-SUMMARY_METRICS = {"val/loss": "min", "val/ppl": "min", "val/bleu": "max", "val/bleu_lc": "max"}
+SUMMARY_METRICS = {"val/loss": "min", "val/ppl": "min", "val/bpb": "min", "val/bleu": "max",
+                   "val/bleu_lc": "max"}
 
 
 class SaveRunConfig(SaveConfigCallback):

@@ -1,0 +1,141 @@
+"""Training on several processes: the global batch (--tokens_per_step, training/global_batch.py),
+the data of a step wherever its batches run (data/lm.py), and DDP on 2 CPU processes against 1
+process accumulating, with a checkpoint of 2 ranks resumed on 1."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, fit, run_folders, tiny_run
+
+from data.lm import RandomWindows
+from training.errors import UsageError
+from training.global_batch import accumulation
+
+
+def val_losses(folder) -> dict[int, float]:
+    with open(folder / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]}
+
+
+def test_the_accumulation_follows_from_the_global_batch_and_the_processes():
+    # GPT-2 small's 524,288 tokens per step with 32 sequences of 1,024 tokens
+    assert [accumulation(524_288, 32, 1024, n) for n in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    with pytest.raises(UsageError, match=r"not a multiple of one batch on every process: 32 "
+                                         r"sequences x 1024 tokens x 32 processes = 1,048,576 "
+                                         r"tokens; give a multiple of 1,048,576"):
+        accumulation(524_288, 32, 1024, 32)
+    with pytest.raises(UsageError, match="give a multiple of 49,152 \\(e.g. 491,520\\)"):
+        accumulation(500_000, 48, 1024, 1)
+    with pytest.raises(UsageError, match="--tokens_per_step 0"):
+        accumulation(0, 32, 1024, 1)
+
+
+def test_tokens_per_step_sets_the_accumulation_and_validates_in_steps(text_file, tmp_path):
+    # 128 tokens per step from batches of 4 x 16 tokens: 2 batches per step
+    fit(text_file, tmp_path, "--tokens_per_step", "128", "--data.batch_size", "4",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3")
+    folder, = run_folders(tmp_path)
+    assert set(val_losses(folder)) == {2, 5}  # after steps 3 and 6 (the logs count from 0)
+    with pytest.raises(UsageError, match="accumulate_grad_batches 3 contradicts --tokens_per_step "
+                                         "128, which needs 2 here"):
+        fit(text_file, tmp_path, "--tokens_per_step", "128", "--data.batch_size", "4",
+            "--trainer.accumulate_grad_batches", "3")
+
+
+def test_a_step_trains_on_the_same_windows_however_its_batches_are_spread(text_file, tmp_path):
+    from data.corpus import prepare_corpus
+
+    corpus = prepare_corpus(str(text_file), "char", cache_dir=tmp_path / "cache")
+
+    def batches(rank, accumulate, start=0, count=4):
+        stream = iter(RandomWindows(corpus, "train", 16, 4, 1337, rank, accumulate, start))
+        return [next(stream)[0] for _ in range(count)]
+
+    one = batches(rank=0, accumulate=4, count=8)  # 1 process, 4 batches per step
+    two = [batches(rank=r, accumulate=2) for r in (0, 1)]  # 2 processes, 2 batches each
+    four = [batches(rank=r, accumulate=1, count=2) for r in range(4)]
+    for step in range(2):
+        ours = one[4 * step:4 * step + 4]
+        spread = two[0][2 * step:2 * step + 2] + two[1][2 * step:2 * step + 2]
+        assert all(torch.equal(a, b) for a, b in zip(ours, spread, strict=True))
+        assert all(torch.equal(ours[r], four[r][step]) for r in range(4))
+    assert not torch.equal(one[0], one[1])  # (the batches of a step differ)
+    # resumed after step 1: the stream goes on
+    assert all(torch.equal(a, b) for a, b in zip(batches(0, 4, start=4), one[4:],
+                                                     strict=True))
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_accumulating_and_their_checkpoint_resumes_on_one(
+        text_file, tmp_path):
+    """2 DDP processes with 1 batch per step against 1 process accumulating 2: the same windows
+    per step, gradients averaged either way, so the validation losses agree to float rounding
+    (within 1e-4). The 2-rank checkpoint then resumes on 1 process and continues as the 1-process
+    run does."""
+    common = ("--tokens_per_step", "256", "--data.batch_size", "8", "--trainer.val_check_interval",
+              "4", "--trainer.limit_val_batches", "4")
+    single = tmp_path / "single"
+    fit(text_file, single, *common, "--trainer.max_steps", "8")
+    expected = val_losses(run_folders(single)[0])
+    assert set(expected) == {3, 7}
+
+    ranks = tmp_path / "ranks"  # 2 processes: each validates 2 of the 4 batches
+    cmd = [sys.executable, str(REPO / "train.py"),
+           *tiny_run(text_file, ranks, *common, "--trainer.max_steps", "4",
+                     "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--trainer.limit_val_batches", "2")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes x 1 accumulated batch" in result.stdout + result.stderr
+    folder, = run_folders(ranks)
+    assert val_losses(folder)[3] == pytest.approx(expected[3], abs=1e-4)
+
+    fit(text_file, ranks, *common, "--trainer.max_steps", "8",
+        "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
+    resumed = val_losses(folder)
+    assert resumed[7] == pytest.approx(expected[7], abs=1e-4)
+    assert expected[7] < expected[3]  # (it trains)
+
+
+@pytest.mark.parametrize("config", ["gpt2_124m.yaml", "gpt2_124m_modern.yaml"])
+def test_the_gpt2_124m_configs_build_for_any_number_of_devices(config, tmp_path, caplog):
+    """The configs parse and build GPT-2 small on local data (the hub is not reachable here): 124M
+    parameters for GPT-2's architecture, 524,288 tokens per step as 16 batches of 32 x 1,024 on 1
+    device or 2 on 8, 19,073 steps for 10B tokens, validation every 250 steps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train import main
+
+    pq.write_table(pa.table({"text": ["Some web text to read. " * 400] * 40}),
+                   tmp_path / "web.parquet")
+    for devices, accumulate in ((1, 16), (8, 2)):
+        cli = main(["--config", str(REPO / "configs" / config), "--data.source",
+                    str(tmp_path / "web.parquet"), "--data.subset", "null",
+                    "--data.cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
+                    "--trainer.devices", str(devices), "--trainer.strategy", "ddp",
+                    "--run.save_dir", str(tmp_path / "runs")], run=False)
+        trainer, gpt = cli.trainer, cli.model.model
+        assert (trainer.world_size, trainer.accumulate_grad_batches) == (devices, accumulate)
+        assert trainer.max_steps == 19_073 and trainer.val_check_interval == 250 * accumulate
+        assert (gpt.config.n_layer, gpt.config.n_embd, gpt.config.block_size) == (12, 768, 1024)
+        assert f"524,288 = 32 sequences x 1,024 tokens x {devices} process" in caplog.text
+    if config != "gpt2_124m.yaml":
+        assert cli.model.hparams.optimizer == "muon" and gpt.config.pos_emb == "rope"
+        return
+    # a number of steps given as well (a short test of the config) wins over the budget
+    cli = main(["--config", str(REPO / "configs" / config), "--data.source",
+                str(tmp_path / "web.parquet"), "--data.subset", "null", "--data.cache_dir",
+                str(tmp_path / "cache"), "--trainer.max_steps", "2", "--run.save_dir",
+                str(tmp_path / "runs")], run=False)
+    assert cli.trainer.max_steps == 2 and "it stops there, not at --max_tokens" in caplog.text
+    assert gpt.num_params(non_embedding=False) == 124_439_808  # GPT-2 small's count
+
+
+def test_muon_under_fsdp_is_refused_in_one_line(text_file, tmp_path):
+    with pytest.raises(UsageError, match="FSDP shards them across processes: use "
+                                         "--trainer.strategy ddp with Muon"):
+        fit(text_file, tmp_path, "--trainer.strategy", "fsdp", "--model.optimizer", "muon")

@@ -1,0 +1,88 @@
+"""The global batch: tokens per optimizer step over every process, whatever the number of devices.
+
+GPT-2-sized training is specified in tokens per optimizer step (about 0.5M for GPT-2 small), not
+in batches: a config must train the same way on one GPU or on 64. ``--tokens_per_step`` says it
+once; the batches each process accumulates follow from it, the micro-batch (``--data.batch_size``
+sequences of ``block_size`` tokens) and the number of processes (devices x nodes):
+
+    accumulate = tokens_per_step / (batch_size x block_size x processes)
+
+With the data's seeding by optimizer step (data/lm.py), a step then trains on the same windows on
+any number of processes. ``--max_tokens``, a token budget, sets ``--trainer.max_steps`` where it
+is -1 (and with it the length of the learning-rate decay); a number of steps given as well, for a
+short test of a config, wins. ``--trainer.val_check_interval``, which Lightning
+counts in training batches, is read as optimizer steps here, so that a config validates at the
+same steps everywhere; and a run resumed on another number of processes (so with another
+accumulation) has its count of batches done rescaled to match (``rescale_batches_done``).
+"""
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from .errors import UsageError
+
+
+def accumulation(tokens_per_step: int, batch_size: int, block_size: int, processes: int) -> int:
+    """Batches each process accumulates per optimizer step, or UsageError when the global batch is
+    not a whole number of micro-batches on every process."""
+    if tokens_per_step < 1:
+        raise UsageError(f"--tokens_per_step {tokens_per_step}: give the tokens of one optimizer "
+                         f"step over all processes (e.g. 524288), or null for one batch per step")
+    per_round = batch_size * block_size * processes  # one micro-batch on every process
+    if tokens_per_step % per_round:
+        lower = max(per_round, tokens_per_step // per_round * per_round)
+        raise UsageError(
+            f"--tokens_per_step {tokens_per_step:,} is not a multiple of one batch on every "
+            f"process: {batch_size} sequences x {block_size} tokens x {processes} processes = "
+            f"{per_round:,} tokens; give a multiple of {per_round:,} (e.g. {lower:,}), or change "
+            f"--data.batch_size")
+    return tokens_per_step // per_round
+
+
+def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_size: int,
+                          max_tokens: int | None = None) -> None:
+    """Set the Trainer's accumulation from the global batch, its validation interval in optimizer
+    steps and, with a token budget ``max_tokens``, its ``max_steps``; print what it came to."""
+    processes = trainer.world_size
+    accumulate = accumulation(tokens_per_step, batch_size, block_size, processes)
+    asked = trainer.accumulate_grad_batches
+    if asked not in (1, accumulate):
+        raise UsageError(f"--trainer.accumulate_grad_batches {asked} contradicts --tokens_per_step "
+                         f"{tokens_per_step:,}, which needs {accumulate} here; give one of them")
+    trainer.accumulate_grad_batches = accumulate
+    interval = trainer.val_check_interval
+    validation = ""
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        trainer.val_check_interval = interval * accumulate  # Lightning counts batches
+        validation = f"; validation every {interval} steps"
+    budget = ""
+    if max_tokens is not None:
+        if max_tokens < tokens_per_step:
+            raise UsageError(f"--max_tokens {max_tokens:,} is less than one step of "
+                             f"--tokens_per_step {tokens_per_step:,}: give a larger budget")
+        steps = max_tokens // tokens_per_step
+        if trainer.max_steps in (None, -1):  # the budget sets the length (the lr decay follows)
+            trainer.fit_loop.epoch_loop.max_steps = steps
+            budget = f"; {steps:,} steps for --max_tokens {max_tokens:,}"
+        else:  # a number of steps given as well (a short test of a config): it wins, and says so
+            budget = (f"; --trainer.max_steps {trainer.max_steps:,} given: it stops there, not at "
+                      f"--max_tokens {max_tokens:,} ({steps:,} steps)")
+    plural = {"es": "es" if processes > 1 else "", "batches": "es" if accumulate > 1 else ""}
+    rank_zero_info(f"Tokens per step: {tokens_per_step:,} = {batch_size} sequences x "
+                   f"{block_size:,} tokens x {processes} process{plural['es']} x {accumulate} "
+                   f"accumulated batch{plural['batches']}{validation}{budget}")
+
+
+def rescale_batches_done(checkpoint: dict, accumulate: int) -> None:
+    """Make a checkpoint's count of training batches done agree with this run's accumulation.
+
+    Lightning counts the batches of the epoch, and validates when that count reaches a multiple of
+    the interval. Resumed with another accumulation (2 processes saved it, 1 resumes it), the count
+    it restores is in the old unit, and validations would fall between the planned steps: it
+    becomes steps done x this accumulation."""
+    saved = checkpoint.get("accumulate_grad_batches", accumulate)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if saved == accumulate or progress is None:
+        return
+    batches = checkpoint["global_step"] * accumulate
+    for counter in ("total", "current"):
+        progress[counter].update({key: batches for key in progress[counter]})
