@@ -238,7 +238,6 @@ class TrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["model_kind"] = self.kind
         checkpoint["lr_decay_began_s"] = self._decay_began_s
-        checkpoint["accumulate_grad_batches"] = self.trainer.accumulate_grad_batches
         if self.run_info is not None:
             checkpoint["run"] = self.run_info
         if self.tokenizer is not None:
@@ -249,8 +248,6 @@ class TrainModule(L.LightningModule):
             raise ValueError(f"this is a {checkpoint['model_kind']} checkpoint; it cannot resume a "
                              f"{self.kind} run")
         self._decay_began_s = checkpoint.get("lr_decay_began_s")
-        if self._trainer is not None:  # resuming a run (not loading weights alone)
-            rescale_batches_done(checkpoint, self.trainer.accumulate_grad_batches)
         if "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
 
@@ -287,6 +284,13 @@ class GPTLightningModule(TrainModule):
         self._flops_shape = None
         self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes of each token (bits per byte)
         self._notext_tokens = False  # some tokens have no bytes (GPT-2's <|endoftext|>)
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        # the training stream is one endless epoch: its batches done are whole steps (a resumed
+        # run redoes a step it was stopped in), whatever the accumulation
+        if self._trainer is not None:  # resuming a run (not loading weights alone)
+            rescale_batches_done(checkpoint, self.trainer.accumulate_grad_batches)
 
     def configure_model(self):
         if self.hparams.compile:

@@ -108,7 +108,8 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or
             ``~/.cache/minigpt``).
         num_proc: processes for tokenizing. None: every core for documents in GPT-2 BPE (token
-            shards, data/shards.py), this process for plain text and characters.
+            shards, data/shards.py; one for files under 8 MB), this process for plain text and
+            characters.
         num_workers: DataLoader workers.
         seed: seed of the training windows and the order of the validation windows.
         subset: the configuration of a hub dataset that has several (``load_dataset``'s

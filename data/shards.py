@@ -2,9 +2,10 @@
 
 A large corpus comes as documents in JSONL or Parquet files (FineWeb-Edu's 10B-token sample is 14
 Parquet files of about 2 GB). Preparing it is cut into *units*: a JSONL file, or a run of a
-Parquet file's row groups of at most ``UNIT_ROWS`` documents, so that even one big file keeps
-every core busy. The cut depends on the files only (never on the number of processes), so a
-preparation interrupted with 16 processes resumes with 4.
+Parquet file's row groups of at most ``UNIT_ROWS`` documents (local or on the hub, whose footers
+are read remotely), so that even one big file keeps every core busy. The cut depends on the files
+only (never on the number of processes), so a preparation interrupted with 16 processes resumes
+with 4.
 
 Each unit is read in batches of ``BATCH_DOCS`` documents, never a whole file, tokenized, and written
 to a shard file of its own, under a temporary name that is renamed when the unit is complete. Units
@@ -23,10 +24,9 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
+import signal
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import numpy as np
 
 UNIT_ROWS = 100_000  # documents per unit at most (Parquet row groups are never split)
 BATCH_DOCS = 1024  # documents read and tokenized at a time, in each worker
+SMALL_CORPUS = 8 * 2**20  # bytes of files under which worker processes would cost more than save
 
 
 class DataSourceError(ValueError):
@@ -56,20 +57,28 @@ def _is_parquet(path: str) -> bool:
     return path.lower().endswith(".parquet")
 
 
-def plan_units(files: dict[str, list[str]], text_column: str,
-               unit_rows: int | None = None) -> list[Unit]:
-    """The units of ``files`` (split -> paths, in order), in corpus order. A local Parquet file is
-    cut between row groups into units of at most ``unit_rows`` rows (reading its footer only)."""
+def _parquet_metadata(path: str):
+    """A Parquet file's footer: the schema and the row groups, read without the data (for an
+    ``hf://`` URL, a few ranged requests to the hub)."""
+    import fsspec
     import pyarrow.parquet as pq
 
+    with fsspec.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata
+
+
+def plan_units(files: dict[str, list[str]], text_column: str,
+               unit_rows: int | None = None) -> list[Unit]:
+    """The units of ``files`` (split -> paths, in order), in corpus order. A Parquet file, local or
+    on the hub, is cut between row groups into units of at most ``unit_rows`` rows."""
     unit_rows = unit_rows or UNIT_ROWS
     units = []
     for split, paths in files.items():
         for path in paths:
-            if not _is_parquet(path) or path.startswith("hf://"):
+            if not _is_parquet(path):
                 units.append(Unit(split, path))
                 continue
-            meta = pq.ParquetFile(path).metadata
+            meta = _parquet_metadata(path)
             if text_column not in meta.schema.names:
                 raise DataSourceError(f"{path} has no {text_column!r} column (it has "
                                       f"{meta.schema.names}); set --data.text_column")
@@ -171,7 +180,7 @@ def _exclusive(lock_path: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"Waiting for another process preparing {lock_path.parent} ...",
+            print(f"Waiting for another process preparing {lock_path.with_suffix('')} ...",
                   file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
@@ -190,11 +199,14 @@ def prepare_shards(files: dict[str, list[str]], tokenizer, text_column: str, fol
     The work happens in ``<folder>.partial`` and the folder is renamed when complete; finished
     shards there survive an interruption and are not redone."""
     work = folder.with_name(folder.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    with _exclusive(work / ".lock"):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # every process of a run asks for the corpus: the first prepares it, the others wait on this
+    # lock (a file beside the folder, never removed, so all of them lock the same file) and then
+    # find it done
+    with _exclusive(folder.with_name(folder.name + ".lock")):
         if (folder / "meta.json").exists():  # another process finished it while we waited
-            shutil.rmtree(work, ignore_errors=True)
             return
+        work.mkdir(exist_ok=True)
         units = plan_units(files, text_column, unit_rows)
         names = [shard_name(i, unit) for i, unit in enumerate(units)]
         dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32).name
@@ -212,14 +224,17 @@ def prepare_shards(files: dict[str, list[str]], tokenizer, text_column: str, fol
             raise DataSourceError(f"{list(itertools.chain(*files.values()))[:3]}: no documents "
                                   f"in the {text_column!r} column: there is nothing to train on")
         (work / "meta.json").write_text(json.dumps(meta))
-        (work / ".lock").unlink()
         work.rename(folder)  # a reader sees the whole corpus or none of it
 
 
 def _run_units(args: list[tuple], num_proc: int | None) -> None:
-    """Tokenize the units in ``num_proc`` processes (default: every core this process may use),
-    reporting progress; in this process when there is one unit or one process."""
+    """Tokenize the units in ``num_proc`` processes (default: every core this process may use, or
+    this process alone for a corpus under ``SMALL_CORPUS`` bytes, which it tokenizes sooner than
+    worker processes start), reporting progress; in this process when there is one unit or one
+    process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if num_proc is None and _local_bytes([unit for unit, *_ in args]) < SMALL_CORPUS:
+        num_proc = 1
     processes = min(num_proc or cores or 1, len(args))
     started, tokens = time.perf_counter(), 0
 
@@ -234,26 +249,34 @@ def _run_units(args: list[tuple], num_proc: int | None) -> None:
         for i, unit_args in enumerate(args, 1):
             done(i, tokenize_unit(*unit_args))
         return
-    # spawned, not forked: the parent may hold threads (PyTorch's, Arrow's) a fork would copy
-    # mid-flight; a spawned worker imports this module afresh
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        futures = [pool.submit(tokenize_unit, *unit_args) for unit_args in args]
-        try:
-            for i, future in enumerate(_completed(futures), 1):
-                done(i, future.result())
-        except BaseException:  # a failed unit or Ctrl-C: the finished shards stay for a rerun
-            for future in futures:
-                future.cancel()
-            raise
+    # forked on Linux, as datasets' own workers are: a spawned worker would import the parent's
+    # main module again, which for a training run is torch and Lightning (seconds and hundreds of
+    # MB per worker). The workers use NumPy, Arrow and the tokenizer only, never a thread of the
+    # parent's. Elsewhere (macOS, Windows), where forking is unsafe, spawned.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(processes, initializer=_worker_signals) as pool:
+        for i, n in enumerate(pool.imap_unordered(_tokenize_unit_args, args), 1):
+            done(i, n)
 
 
-def _completed(futures):
-    """The futures as they complete, stopping at the first that failed."""
-    pending = set(futures)
-    while pending:
-        finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-        yield from finished
+def _tokenize_unit_args(args: tuple) -> int:
+    return tokenize_unit(*args)
+
+
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to the main process, whose leaving the pool (an error, Ctrl-C)
+    terminates it with SIGTERM, which ends it quietly (not through a handler a forked worker
+    inherits): the unit it was writing stays a temporary file, redone by the next run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _local_bytes(units: list[Unit]) -> float:
+    """The size of the units' files on disk (infinite for files still to download)."""
+    paths = {unit.path for unit in units}
+    if any(path.startswith("hf://") for path in paths):
+        return float("inf")
+    return sum(os.path.getsize(path) for path in paths)
 
 
 def _split_layout(units: list[Unit], names: list[str], counts: list[int],
@@ -284,9 +307,10 @@ class TokenShards:
                  dtype: str):
         sizes = np.array([n for _, n in shards], dtype=np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(sizes)])  # where each shard begins
-        # (np.memmap refuses an empty file: an empty shard is never indexed, so never opened)
-        self.arrays = [np.memmap(folder / name, dtype=dtype, mode="r") if n else None
-                       for name, n in shards]
+        self.folder, self.names = folder, [name for name, _ in shards]
+        # each shard is memory-mapped when first read: a split reads only its own (the val split,
+        # the tail of the last shards), and an empty shard, which np.memmap refuses, never
+        self.arrays: list[np.memmap | None] = [None] * len(shards)
         self.start, self.stop, self.dtype = start, stop, np.dtype(dtype)
 
     def __len__(self) -> int:
@@ -302,6 +326,8 @@ class TokenShards:
         shard = np.searchsorted(self.bounds, position, side="right") - 1
         out = np.empty(index.shape, dtype=self.dtype)
         for s in np.unique(shard):
+            if self.arrays[s] is None:
+                self.arrays[s] = np.memmap(self.folder / self.names[s], dtype=self.dtype, mode="r")
             where = shard == s
             out[where] = self.arrays[s][position[where] - self.bounds[s]]
         return out

@@ -133,7 +133,7 @@ def gpu_table_key(device_name: str) -> str | None:
     A fragment counts where it stands as whole words of the name: "a10" is not the "a10" of
     "NVIDIA A100" or "NVIDIA A10G" (a different GPU, with no entry: its peak is not published),
     nor "l4" that of "NVIDIA L40S". Of the fragments that count, the longest wins: the most
-    specific one, "h100 nvl" over "h100" in "NVIDIA H100 NVL", "h200 nvl" over "h200"."""
+    specific one, "h200 nvl" over "h200" in "NVIDIA H200 NVL"."""
     name = device_name.lower()
     found = [key for key in DENSE_PEAK_TFLOPS
              if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", name)]

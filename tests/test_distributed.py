@@ -71,11 +71,11 @@ def test_a_step_trains_on_the_same_windows_however_its_batches_are_spread(text_f
 @pytest.mark.slow
 def test_two_processes_train_as_one_accumulating_and_their_checkpoint_resumes_on_one(
         text_file, tmp_path):
-    """2 DDP processes with 1 batch per step against 1 process accumulating 2: the same windows
-    per step, gradients averaged either way, so the validation losses agree to float rounding
-    (within 1e-4). The 2-rank checkpoint then resumes on 1 process and continues as the 1-process
-    run does."""
-    common = ("--tokens_per_step", "256", "--data.batch_size", "8", "--trainer.val_check_interval",
+    """2 DDP processes accumulating 2 batches per step against 1 process accumulating 4: the same
+    windows per step, gradients averaged either way, so the validation losses agree to float
+    rounding (within 1e-4). The 2-rank checkpoint then resumes on 1 process and continues as the
+    1-process run does."""
+    common = ("--tokens_per_step", "512", "--data.batch_size", "8", "--trainer.val_check_interval",
               "4", "--trainer.limit_val_batches", "4")
     single = tmp_path / "single"
     fit(text_file, single, *common, "--trainer.max_steps", "8")
@@ -89,7 +89,7 @@ def test_two_processes_train_as_one_accumulating_and_their_checkpoint_resumes_on
                      "--trainer.limit_val_batches", "2")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "x 2 processes x 1 accumulated batch" in result.stdout + result.stderr
+    assert "x 2 processes x 2 accumulated batches" in result.stdout + result.stderr
     folder, = run_folders(ranks)
     assert val_losses(folder)[3] == pytest.approx(expected[3], abs=1e-4)
 
@@ -112,7 +112,8 @@ def test_the_gpt2_124m_configs_build_for_any_number_of_devices(config, tmp_path,
 
     pq.write_table(pa.table({"text": ["Some web text to read. " * 400] * 40}),
                    tmp_path / "web.parquet")
-    for devices, accumulate in ((1, 16), (8, 2)):
+    shapes = ((1, 16), (8, 2)) if config == "gpt2_124m.yaml" else ((8, 2),)
+    for devices, accumulate in shapes:
         cli = main(["--config", str(REPO / "configs" / config), "--data.source",
                     str(tmp_path / "web.parquet"), "--data.subset", "null",
                     "--data.cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
@@ -131,7 +132,7 @@ def test_the_gpt2_124m_configs_build_for_any_number_of_devices(config, tmp_path,
                 str(tmp_path / "web.parquet"), "--data.subset", "null", "--data.cache_dir",
                 str(tmp_path / "cache"), "--trainer.max_steps", "2", "--run.save_dir",
                 str(tmp_path / "runs")], run=False)
-    assert cli.trainer.max_steps == 2 and "it stops there, not at --max_tokens" in caplog.text
+    assert cli.trainer.max_steps == 2 and "training stops there, not at --max_tokens" in caplog.text
     assert gpt.num_params(non_embedding=False) == 124_439_808  # GPT-2 small's count
 
 
@@ -139,3 +140,69 @@ def test_muon_under_fsdp_is_refused_in_one_line(text_file, tmp_path):
     with pytest.raises(UsageError, match="FSDP shards them across processes: use "
                                          "--trainer.strategy ddp with Muon"):
         fit(text_file, tmp_path, "--trainer.strategy", "fsdp", "--model.optimizer", "muon")
+
+
+def test_the_documented_fsdp_command_reaches_lightnings_strategy(text_file, tmp_path):
+    """docs/scaling.md's FSDP flags (the strategy's class, its wrap and checkpointing policies)
+    parse and build Lightning's FSDPStrategy, which then asks for GPUs: on a CPU, one line."""
+    with pytest.raises(ValueError, match="strategy `fsdp` requires a GPU accelerator"):
+        fit(text_file, tmp_path, "--model.optimizer", "adamw", "--trainer.devices", "2",
+            "--trainer.strategy", "FSDPStrategy",
+            "--trainer.strategy.auto_wrap_policy", "[model.block.Block]",
+            "--trainer.strategy.activation_checkpointing_policy", "[model.block.Block]")
+
+
+def test_a_resume_counts_whole_steps_of_its_own_accumulation():
+    """A checkpoint written between the batches of a step (Ctrl-C), or by a run with another
+    accumulation, resumes with its batches done at steps done x this accumulation: the step it was
+    stopped in is redone from its first batch, where the loader starts it."""
+    from training.global_batch import rescale_batches_done
+
+    def checkpoint(batches):  # saved in a batch's hooks: "completed" one behind the others
+        counters = {"ready": batches, "completed": batches - 1, "started": batches,
+                    "processed": batches}
+        return {"global_step": 6, "loops": {"fit_loop": {"epoch_loop.batch_progress": {
+            "total": dict(counters), "current": dict(counters), "is_last_batch": False}}}}
+
+    for saved, accumulate in ((13, 2), (6, 2), (12, 4), (12, 2)):  # mid-step, other A's, whole
+        state = checkpoint(saved)
+        rescale_batches_done(state, accumulate)
+        progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        for counters in (progress["total"], progress["current"]):
+            assert counters == {"ready": 6 * accumulate, "completed": 6 * accumulate - 1,
+                                "started": 6 * accumulate, "processed": 6 * accumulate}
+
+
+def test_a_signal_between_the_batches_of_a_step_saves_after_the_step_and_resumes_as_one_run(
+        text_file, tmp_path, monkeypatch):
+    """Ctrl-C arriving after the first of a step's 2 batches: the run trains that step's second
+    batch, saves at the step's end and stops; resumed, it reaches the validation loss of a run
+    never stopped."""
+    import signal
+
+    from training.checkpointing import Checkpoint
+    from training.errors import Stopped
+
+    common = ("--tokens_per_step", "128", "--data.batch_size", "4", "--trainer.max_steps", "6",
+              "--trainer.val_check_interval", "3", "--model.lr_decay_steps", "6")
+    straight = tmp_path / "straight"
+    fit(text_file, straight, *common)
+    expected = val_losses(run_folders(straight)[0])
+
+    original = Checkpoint.on_train_batch_end
+
+    def signalled_mid_step(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 8:  # the first batch of step 5 (its batches are 8 and 9)
+            self._stop_after_this_step(signal.SIGINT, None)
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "on_train_batch_end", signalled_mid_step)
+        with pytest.raises(Stopped):
+            fit(text_file, stopped, *common)
+    folder, = run_folders(stopped)
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5  # the step finished, not cut after its first batch
+    fit(text_file, stopped, *common, "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"))
+    assert val_losses(folder)[5] == pytest.approx(expected[5], abs=1e-5)

@@ -235,7 +235,7 @@ def offline(tmp_path, monkeypatch):
 def test_offline_without_data_it_fails_at_once_pointing_to_data(checkpoints, offline, capsys):
     start = time.perf_counter()
     assert exit_code(lambda: hellaswag.main([str(checkpoints["gpt"])])) == 1
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 10  # (not the ~20 s of retries)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'Rowan/hellaswag' is not" in err, err
     assert "the hub cannot be reached" in err and "--data path/to/hellaswag_val.jsonl" in err
@@ -246,6 +246,6 @@ def test_a_published_gpt2_offline_and_not_cached_fails_at_once(tmp_path, offline
     data = write_items(tmp_path / "items.jsonl")
     start = time.perf_counter()
     assert exit_code(lambda: hellaswag.main(["gpt2", "--data", str(data)])) == 1
-    assert time.perf_counter() - start < 15  # (importing transformers takes seconds)
+    assert time.perf_counter() - start < 30  # (importing transformers takes seconds)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gpt2 is not in the Hugging Face cache" in err, err

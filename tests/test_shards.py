@@ -76,7 +76,8 @@ def test_a_multi_shard_parquet_corpus_gives_every_document_in_order(tmp_path, mo
 def test_an_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_path,
                                                                             monkeypatch):
     write_parquet_corpus(tmp_path / "corpus", files=4)
-    clean = prepare_corpus(str(tmp_path / "corpus"), "gpt2", cache_dir=tmp_path / "clean")
+    clean = prepare_corpus(str(tmp_path / "corpus"), "gpt2", cache_dir=tmp_path / "clean",
+                           num_proc=1)
 
     real, calls = shards.tokenize_unit, []
 
@@ -116,7 +117,7 @@ def test_train_and_val_files_are_shards_of_their_own_split(tmp_path):
         prepare_corpus(str(folder), "gpt2", cache_dir=tmp_path / "cache")
     (folder / "validation.jsonl").unlink()
     pq.write_table(pa.table({"text": val}), folder / "validation.parquet")
-    corpus = prepare_corpus(str(folder), "gpt2", cache_dir=tmp_path / "cache")
+    corpus = prepare_corpus(str(folder), "gpt2", cache_dir=tmp_path / "cache", num_proc=1)
     assert corpus.tokens("val").tolist() == expected_tokens(val)
     assert corpus.tokens("train").tolist() == expected_tokens(train)
 
@@ -153,14 +154,14 @@ def test_a_hub_dataset_of_parquet_files_goes_to_shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(corpus_module, "_hub_document_files", listed)
     corpus = prepare_corpus("owner/web-corpus", "gpt2", subset="sample-1BT",
-                            cache_dir=tmp_path / "cache", val_fraction=0.05)
+                            cache_dir=tmp_path / "cache", val_fraction=0.05, num_proc=1)
     assert asked == [("owner/web-corpus", "sample-1BT")]
     assert corpus.folder.name.startswith("owner--web-corpus-gpt2-")
     assert np.concatenate([corpus.tokens("train"), corpus.tokens("val")]).tolist() == \
         expected_tokens(docs)
     # another subset is another corpus; a subset of a local path is a mistake
     other = prepare_corpus("owner/web-corpus", "gpt2", subset="sample-2BT",
-                           cache_dir=tmp_path / "cache")
+                           cache_dir=tmp_path / "cache", num_proc=1)
     assert other.folder != corpus.folder
     with pytest.raises(DataSourceError, match=r"leave it unset \(--data.subset null\)"):
         prepare_corpus(files[0], "gpt2", subset="sample-1BT", cache_dir=tmp_path / "cache")
@@ -179,3 +180,75 @@ def test_the_data_module_trains_on_shards(tmp_path):
     val = list(dm.val_dataloader())
     covered = sum(b[1].numel() for b in val)
     assert covered == (dm.corpus.num_tokens["val"] - 1) // 32 * 32  # every window once
+
+
+def test_prepare_data_with_a_config_fills_the_cache_its_training_reads(tmp_path, capsys):
+    """scripts/prepare_data.py --config takes the config's data settings (GPT-2 BPE, 0.1% held
+    out), so the folder it fills is the one training with that config finds."""
+    from conftest import REPO
+
+    from scripts import prepare_data
+
+    write_parquet_corpus(tmp_path / "corpus", files=1)
+    config = str(REPO / "configs" / "gpt2_124m.yaml")
+    prepare_data.main([str(tmp_path / "corpus"), "--config", config, "--subset", "null",
+                       "--cache-dir", str(tmp_path / "cache"), "--num-proc", "1"])
+    folder = capsys.readouterr().out.splitlines()[0]
+    corpus = prepare_corpus(str(tmp_path / "corpus"), "gpt2", val_fraction=0.001,
+                            cache_dir=tmp_path / "cache")
+    assert folder == str(corpus.folder)
+
+
+def test_a_second_process_waits_for_the_first_and_finds_its_work_done(tmp_path, monkeypatch):
+    """Every process of a run asks for the corpus: while one prepares it (holding the lock beside
+    its folder), another waits, then reads it without tokenizing anything."""
+    import fcntl
+    import threading
+
+    write_parquet_corpus(tmp_path / "corpus", files=1)
+    first = prepare_corpus(str(tmp_path / "corpus"), "gpt2", cache_dir=tmp_path / "cache",
+                           num_proc=1)
+    lock = first.folder.with_name(first.folder.name + ".lock")
+    ready = tmp_path / "cache" / "ready"
+    (first.folder).rename(ready)  # as if not prepared yet: the second must wait for it
+    holder = open(lock, "a")  # noqa: SIM115 (held across the thread's start)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setattr(shards, "tokenize_unit", lambda *a: pytest.fail("tokenized again"))
+    result = {}
+    second = threading.Thread(target=lambda: result.setdefault(
+        "corpus", prepare_corpus(str(tmp_path / "corpus"), "gpt2", cache_dir=tmp_path / "cache")))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive()  # waiting on the lock
+    ready.rename(first.folder)  # the first process finishes, and lets go
+    holder.close()
+    second.join(timeout=30)
+    assert result["corpus"].num_tokens == first.num_tokens
+
+
+def test_ctrl_c_stops_every_worker_in_one_line_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: the workers leave it to the main
+    process, which ends in one line (exit 130) and terminates them; the next run does the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    write_parquet_corpus(tmp_path / "corpus", files=6, rows=1500, row_group=500)
+    cmd = [sys.executable, str(REPO / "scripts" / "prepare_data.py"), str(tmp_path / "corpus"),
+           "--tokenizer", "gpt2", "--num-proc", "2", "--cache-dir", str(tmp_path / "cache")]
+    run = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                           start_new_session=True)
+    lines = []
+    for line in run.stderr:  # the first finished shard: the workers are busy with the next ones
+        lines.append(line)
+        if line.startswith("  shard 1/"):
+            os.killpg(run.pid, signal.SIGINT)
+            break
+    lines += run.stderr.readlines()
+    assert run.wait(timeout=60) == 130
+    assert lines[-1] == "stopped by Ctrl-C\n" and not any("Traceback" in x for x in lines), lines
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "Resuming: " in again.stderr, again.stderr[-2000:]

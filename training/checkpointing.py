@@ -108,7 +108,7 @@ class Checkpoint(ModelCheckpoint):
                          save_top_k=save_top_k, save_last=False, verbose=verbose,
                          enable_version_counter=False)
         self.keep_last, self.every_n_steps = save_last, every_n_steps
-        self._signal, self._saved_step = None, None
+        self._signal, self._saved_step, self._step_before = None, None, None
 
     @property
     def last_path(self) -> str:
@@ -135,6 +135,7 @@ class Checkpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self._signal, self._saved_step = None, trainer.global_step  # (a resumed step is saved)
+        self._step_before = trainer.global_step  # the step count before the latest batch
         self._handle_signals(self._stop_after_this_step)
 
     def _handle_signals(self, handler) -> None:
@@ -154,9 +155,13 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # with gradient accumulation a batch may end no step: a signal then waits for the batch
+        # that ends one (the gradients of a step's first batches are in no checkpoint)
+        stepped, self._step_before = trainer.global_step != self._step_before, trainer.global_step
         stop = self._signal is not None
         if trainer.world_size > 1:  # one process was signalled: all stop together
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        stop = stop and stepped
         periodic = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
         final = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
         if stop or periodic or final:  # (a validation at this step saves it again, scored)

@@ -12,8 +12,8 @@ any number of processes. ``--max_tokens``, a token budget, sets ``--trainer.max_
 is -1 (and with it the length of the learning-rate decay); a number of steps given as well, for a
 short test of a config, wins. ``--trainer.val_check_interval``, which Lightning
 counts in training batches, is read as optimizer steps here, so that a config validates at the
-same steps everywhere; and a run resumed on another number of processes (so with another
-accumulation) has its count of batches done rescaled to match (``rescale_batches_done``).
+same steps everywhere; and a resumed run's count of batches done is made whole steps of its own
+accumulation (``rescale_batches_done``), on any number of processes.
 """
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -63,9 +63,10 @@ def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_
         if trainer.max_steps in (None, -1):  # the budget sets the length (the lr decay follows)
             trainer.fit_loop.epoch_loop.max_steps = steps
             budget = f"; {steps:,} steps for --max_tokens {max_tokens:,}"
-        else:  # a number of steps given as well (a short test of a config): it wins, and says so
-            budget = (f"; --trainer.max_steps {trainer.max_steps:,} given: it stops there, not at "
-                      f"--max_tokens {max_tokens:,} ({steps:,} steps)")
+        else:  # a number of steps as well (a short test of a config): it wins, and says so
+            budget = (f"; trainer.max_steps is {trainer.max_steps:,}: training stops there, not at "
+                      f"--max_tokens {max_tokens:,} ({steps:,} steps; --trainer.max_steps -1 "
+                      f"for those)")
     plural = {"es": "es" if processes > 1 else "", "batches": "es" if accumulate > 1 else ""}
     rank_zero_info(f"Tokens per step: {tokens_per_step:,} = {batch_size} sequences x "
                    f"{block_size:,} tokens x {processes} process{plural['es']} x {accumulate} "
@@ -73,16 +74,23 @@ def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_
 
 
 def rescale_batches_done(checkpoint: dict, accumulate: int) -> None:
-    """Make a checkpoint's count of training batches done agree with this run's accumulation.
+    """Make a checkpoint's count of training batches done whole optimizer steps of this run's
+    accumulation: steps done x ``accumulate``.
 
-    Lightning counts the batches of the epoch, and validates when that count reaches a multiple of
-    the interval. Resumed with another accumulation (2 processes saved it, 1 resumes it), the count
-    it restores is in the old unit, and validations would fall between the planned steps: it
-    becomes steps done x this accumulation."""
-    saved = checkpoint.get("accumulate_grad_batches", accumulate)
+    Lightning counts the batches of the epoch, steps the optimizer when that count reaches a
+    multiple of the accumulation, and validates at multiples of the interval. A checkpoint of a run
+    stopped between the batches of a step (Ctrl-C, SIGTERM) counts the batches it had accumulated,
+    whose gradients it does not hold; one resumed with another accumulation (saved by 2 processes,
+    resumed by 1) counts in the old unit. Either way the count would fall between steps, and each
+    later step would mix the windows of two: the resumed run instead redoes the interrupted step
+    from its first batch, where the data loader starts it (data/lm.py)."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-    if saved == accumulate or progress is None:
+    if progress is None:
         return
+    # Lightning saves in the middle of a batch's hooks (its "completed" one behind "ready") and
+    # knows how to resume from there: every counter moves by the same amount, so that "ready" is
+    # the last batch of the last whole step, as in a checkpoint saved at the end of that step
     batches = checkpoint["global_step"] * accumulate
     for counter in ("total", "current"):
-        progress[counter].update({key: batches for key in progress[counter]})
+        shift = batches - progress[counter]["ready"]
+        progress[counter].update({key: n + shift for key, n in progress[counter].items()})
