@@ -73,8 +73,9 @@ def test_two_processes_train_as_one_accumulating_and_their_checkpoint_resumes_on
         text_file, tmp_path):
     """2 DDP processes accumulating 2 batches per step against 1 process accumulating 4: the same
     windows per step, gradients averaged either way, so the validation losses agree to float
-    rounding (within 1e-4). The 2-rank checkpoint then resumes on 1 process and continues as the
-    1-process run does."""
+    rounding (within 1e-4). The worker process takes its launcher's run id and only rank 0 writes:
+    one run folder, one wandb run. The 2-rank checkpoint then resumes on 1 process and continues
+    as the 1-process run does."""
     common = ("--tokens_per_step", "512", "--data.batch_size", "8", "--trainer.val_check_interval",
               "4", "--trainer.limit_val_batches", "4")
     single = tmp_path / "single"
@@ -91,6 +92,7 @@ def test_two_processes_train_as_one_accumulating_and_their_checkpoint_resumes_on
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes x 2 accumulated batches" in result.stdout + result.stderr
     folder, = run_folders(ranks)
+    assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
     assert val_losses(folder)[3] == pytest.approx(expected[3], abs=1e-4)
 
     fit(text_file, ranks, *common, "--trainer.max_steps", "8",

@@ -173,20 +173,6 @@ def test_a_resumed_run_continues_its_folder_csv_and_wandb_run(text_file, tmp_pat
         assert set(compare_runs.read_wandb_offline(cut).history.get("val/loss", {})) <= {29}
 
 
-def test_a_two_process_run_logs_into_one_run_folder(text_file, tmp_path):
-    """DDP on CPU (gloo): the worker process takes its launcher's run id, and only rank 0 writes."""
-    cmd = [sys.executable, str(REPO / "train.py"),
-           *tiny_run(text_file, tmp_path, "--trainer.max_steps", "10",
-                     "--trainer.val_check_interval", "5", "--trainer.strategy", "ddp",
-                     "--trainer.devices", "2")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    folder, = run_folders(tmp_path)
-    assert ((folder / "checkpoints" / "last.ckpt").is_file()
-            and len(list((folder / "wandb").glob("offline-run-*"))) == 1)
-    assert {int(r["step"]) for r in csv_rows(folder) if r["val/loss"]} == {4, 9}
-
-
 def test_run_folder_mistakes_get_clear_errors(text_file, tmp_path):
     with pytest.raises(ValueError, match="--ckpt_path last: give the checkpoint's path"):
         fit(text_file, tmp_path, "--ckpt_path", "last")
