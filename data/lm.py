@@ -153,7 +153,8 @@ class LMDataModule(L.LightningDataModule):
             if n < need:
                 raise DataSourceError(f"the {split} split of {self.hparams.source!r} has {n} "
                                       f"tokens, fewer than block_size + 1 = {need}; use a smaller "
-                                      "--data.block_size or more text")
+                                      "--data.block_size or more text (or, where validation is "
+                                      "the held-out share, a larger --data.val_fraction)")
 
     def _loader(self, dataset) -> DataLoader:
         # its own generator: making an iterator draws a seed from it, which would shift the global

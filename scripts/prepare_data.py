@@ -42,18 +42,21 @@ def parse_args(argv=None):
                    help="a training config: its data settings are this script's defaults, so the "
                         "cache it fills is the one that config's training reads")
     # each option also in train.py's spelling (--text_column), which this script once took
-    p.add_argument("--tokenizer", default=None, help="char or gpt2 (default: char)")
-    p.add_argument("--text-column", "--text_column", default=None,
+    # (and as train.py's --data.* options, which error messages name)
+    p.add_argument("--tokenizer", "--data.tokenizer", default=None,
+                   help="char or gpt2 (default: char)")
+    p.add_argument("--text-column", "--text_column", "--data.text_column", default=None,
                    help="column of the text in JSONL / parquet / hub data (default: text)")
-    p.add_argument("--val-fraction", "--val_fraction", type=float, default=None,
+    p.add_argument("--val-fraction", "--val_fraction", "--data.val_fraction", type=float,
+                   default=None,
                    help="share held out for validation when the source has no val split "
                         "(default: 0.1)")
-    p.add_argument("--cache-dir", "--cache_dir", default=None,
+    p.add_argument("--cache-dir", "--cache_dir", "--data.cache_dir", default=None,
                    help="token cache folder (default $MINIGPT_CACHE or ~/.cache/minigpt)")
-    p.add_argument("--num-proc", "--num_proc", type=int, default=None,
+    p.add_argument("--num-proc", "--num_proc", "--data.num_proc", type=int, default=None,
                    help="tokenizing processes (default: every core for documents in GPT-2 BPE, "
                         "one otherwise)")
-    p.add_argument("--subset", default=None,
+    p.add_argument("--subset", "--data.subset", default=None,
                    help="the hub dataset's configuration, e.g. sample-10BT of "
                         "HuggingFaceFW/fineweb-edu (null: none, over the --config's)")
     args = p.parse_args(argv)

@@ -39,6 +39,11 @@ def test_tokens_per_step_sets_the_accumulation_and_validates_in_steps(text_file,
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3")
     folder, = run_folders(tmp_path)
     assert set(val_losses(folder)) == {2, 5}  # after steps 3 and 6 (the logs count from 0)
+    # a token budget that ends before trainer.max_steps ends training: 640 tokens, 5 steps
+    budget = tmp_path / "budget"
+    fit(text_file, budget, "--tokens_per_step", "128", "--data.batch_size", "4",
+        "--max_tokens", "640", "--trainer.max_steps", "20", "--trainer.val_check_interval", "5")
+    assert set(val_losses(run_folders(budget)[0])) == {4}
     with pytest.raises(UsageError, match="accumulate_grad_batches 3 contradicts --tokens_per_step "
                                          "128, which needs 2 here"):
         fit(text_file, tmp_path, "--tokens_per_step", "128", "--data.batch_size", "4",
@@ -129,12 +134,13 @@ def test_the_gpt2_124m_configs_build_for_any_number_of_devices(config, tmp_path,
     if config != "gpt2_124m.yaml":
         assert cli.model.hparams.optimizer == "muon" and gpt.config.pos_emb == "rope"
         return
-    # a number of steps given as well (a short test of the config) wins over the budget
+    # a number of steps as well (a short test of the config): training stops at whichever is first
     cli = main(["--config", str(REPO / "configs" / config), "--data.source",
                 str(tmp_path / "web.parquet"), "--data.subset", "null", "--data.cache_dir",
                 str(tmp_path / "cache"), "--trainer.max_steps", "2", "--run.save_dir",
                 str(tmp_path / "runs")], run=False)
-    assert cli.trainer.max_steps == 2 and "training stops there, not at --max_tokens" in caplog.text
+    assert cli.trainer.max_steps == 2
+    assert "trainer.max_steps 2 ends it first, before --max_tokens" in caplog.text
     assert gpt.num_params(non_embedding=False) == 124_439_808  # GPT-2 small's count
 
 

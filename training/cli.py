@@ -159,9 +159,9 @@ class CLI(LightningCLI):
                                  "trainer.val_check_interval as optimizer steps "
                                  "(training/global_batch.py)")
         parser.add_argument("--max_tokens", type=int | None, default=None,
-                            help="training budget in tokens, with --tokens_per_step: sets "
-                                 "trainer.max_steps, where it is -1, to max_tokens / "
-                                 "tokens_per_step")
+                            help="training budget in tokens, with --tokens_per_step: training "
+                                 "stops after max_tokens / tokens_per_step steps, or at "
+                                 "trainer.max_steps if that comes first")
         parser.add_argument("--target_loss", type=float | None, default=None,
                             help="report the step and time at which val/loss first reaches this "
                                  "(training.callbacks.TargetLoss)")
@@ -220,9 +220,9 @@ class CLI(LightningCLI):
         self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.model_kind.name)
         if subcommand == "fit":
             max_steps = config.trainer.max_steps
-            if max_steps in (None, -1) and config.get("max_tokens") \
-                    and config.get("tokens_per_step"):  # the length is the token budget's
-                max_steps = config.max_tokens // config.tokens_per_step
+            if config.get("max_tokens") and config.get("tokens_per_step"):  # whichever is first
+                budget = config.max_tokens // config.tokens_per_step
+                max_steps = budget if max_steps in (None, -1) else min(max_steps, budget)
             resume.check_steps_left(ckpt_path, max_steps, self._checkpoint["global_step"])
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)

@@ -8,12 +8,12 @@ sequences of ``block_size`` tokens) and the number of processes (devices x nodes
     accumulate = tokens_per_step / (batch_size x block_size x processes)
 
 With the data's seeding by optimizer step (data/lm.py), a step then trains on the same windows on
-any number of processes. ``--max_tokens``, a token budget, sets ``--trainer.max_steps`` where it
-is -1 (and with it the length of the learning-rate decay); a number of steps given as well, for a
-short test of a config, wins. ``--trainer.val_check_interval``, which Lightning
-counts in training batches, is read as optimizer steps here, so that a config validates at the
-same steps everywhere; and a resumed run's count of batches done is made whole steps of its own
-accumulation (``rescale_batches_done``), on any number of processes.
+any number of processes. ``--max_tokens``, a token budget, and ``--trainer.max_steps``: training
+stops at whichever comes first (the learning-rate decay ends there too).
+``--trainer.val_check_interval``, which Lightning counts in training batches, is read as optimizer
+steps here, so that a config validates at the same steps everywhere; and a resumed run's count of
+batches done is made whole steps of its own accumulation (``rescale_batches_done``), on any number
+of processes.
 """
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -32,7 +32,8 @@ def accumulation(tokens_per_step: int, batch_size: int, block_size: int, process
         lower = max(per_round, tokens_per_step // per_round * per_round)
         raise UsageError(
             f"--tokens_per_step {tokens_per_step:,} is not a multiple of one batch on every "
-            f"process: {batch_size} sequences x {block_size} tokens x {processes} processes = "
+            f"process: {batch_size} sequences x {block_size} tokens x {processes} "
+            f"process{'es' if processes > 1 else ''} = "
             f"{per_round:,} tokens; give a multiple of {per_round:,} (e.g. {lower:,}), or change "
             f"--data.batch_size")
     return tokens_per_step // per_round
@@ -53,18 +54,19 @@ def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_
     validation = ""
     if isinstance(interval, int) and not isinstance(interval, bool):
         trainer.val_check_interval = interval * accumulate  # Lightning counts batches
-        validation = f"; validation every {interval} steps"
+        validation = f"; validation every {interval} steps" if interval > 1 else \
+            "; validation at every step"
     budget = ""
     if max_tokens is not None:
         if max_tokens < tokens_per_step:
             raise UsageError(f"--max_tokens {max_tokens:,} is less than one step of "
                              f"--tokens_per_step {tokens_per_step:,}: give a larger budget")
         steps = max_tokens // tokens_per_step
-        if trainer.max_steps in (None, -1):  # the budget sets the length (the lr decay follows)
-            trainer.fit_loop.epoch_loop.max_steps = steps
+        if trainer.max_steps in (None, -1) or steps <= trainer.max_steps:  # the budget ends it
+            trainer.fit_loop.epoch_loop.max_steps = steps  # (and the lr decay with it)
             budget = f"; {steps:,} steps for --max_tokens {max_tokens:,}"
-        else:  # a number of steps as well (a short test of a config): it wins, and says so
-            budget = (f"; trainer.max_steps is {trainer.max_steps:,}: training stops there, not at "
+        else:  # a number of steps ends it first (a short test of a config), and the line says so
+            budget = (f"; trainer.max_steps {trainer.max_steps:,} ends it first, before "
                       f"--max_tokens {max_tokens:,} ({steps:,} steps; --trainer.max_steps -1 "
                       f"for those)")
     plural = {"es": "es" if processes > 1 else "", "batches": "es" if accumulate > 1 else ""}
