@@ -1,6 +1,6 @@
 """Peak memory and speed of preparing a Parquet corpus into token shards, at several corpus sizes.
 
-    python experiments/prep_memory.py --sizes-mb 50 200 --num-proc 2 --work /tmp/prep
+    python experiments/prep_memory.py --sizes-mb 50 200 --num-proc 2 --work prep-study/
 
 Writes synthetic web-like documents (Parquet, row groups of 1,000 documents, --docs-per-file each),
 runs scripts/prepare_data.py on each corpus under /usr/bin/time, and prints one markdown row per
@@ -12,6 +12,7 @@ import argparse
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 200])
     p.add_argument("--num-proc", type=int, default=None)
-    p.add_argument("--work", type=Path, default=Path("/tmp/prep"))
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "prep_memory",
+                   help="where the corpora and token caches go (kept for a rerun)")
     p.add_argument("--docs-per-file", type=int, default=10_000,
                    help="documents per Parquet file (~5 KB each)")
     args = p.parse_args()
