@@ -296,11 +296,8 @@ def _hub_document_files(dataset_id: str, subset: str | None) -> dict[str, list[s
     files = dict(builder.config.data_files or {}) if builder is not None else {}
     if "train" not in files:
         return None
-    published = HUB_VAL_SPLITS.get(dataset_id)
-    val = published if published and all(s in files for s in published) else \
-        [next((s for s in VAL_SPLIT_NAMES if s in files), None)]
     by_split = {"train": list(files["train"]),
-                "val": [f for s in val if s is not None for f in files[s]]}
+                "val": [f for s in _hub_val_splits(dataset_id, files) for f in files[s]]}
     by_split = {split: paths for split, paths in by_split.items() if paths}
     every = [p.lower().removesuffix(".gz") for paths in by_split.values() for p in paths]
     return by_split if all(p.endswith((".parquet", ".jsonl")) for p in every) else None
@@ -314,15 +311,22 @@ def _hub_splits(ds, dataset_id: str, keep_test: bool = False):
     if "train" not in ds:
         raise DataSourceError(f"hub dataset {dataset_id!r} has no 'train' split (it has "
                               f"{list(ds)})")
-    published = HUB_VAL_SPLITS.get(dataset_id)
-    if published and all(split in ds for split in published):
-        val = concatenate_datasets([ds[s] for s in published])
-        return DatasetDict({"train": ds["train"], "val": val})
-    val = next((s for s in VAL_SPLIT_NAMES if s in ds), None)
-    splits = {"train": ds["train"], "val": ds[val]} if val else {"train": ds["train"]}
-    if keep_test and "test" in ds and val != "test":
+    val = _hub_val_splits(dataset_id, ds)
+    splits = {"train": ds["train"]}
+    if val:
+        splits["val"] = concatenate_datasets([ds[s] for s in val]) if len(val) > 1 else ds[val[0]]
+    if keep_test and "test" in ds and "test" not in val:
         splits["test"] = ds["test"]
     return DatasetDict(splits)
+
+
+def _hub_val_splits(dataset_id: str, available) -> list[str]:
+    """The hub dataset's splits that make its validation split: its published one
+    (HUB_VAL_SPLITS), else the first of VAL_SPLIT_NAMES it has; none where it has none."""
+    published = HUB_VAL_SPLITS.get(dataset_id)
+    if published and all(split in available for split in published):
+        return list(published)
+    return [split for split in VAL_SPLIT_NAMES if split in available][:1]
 
 
 # ---------------------------------------------------------------- tokenizing into the cache

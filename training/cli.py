@@ -44,7 +44,7 @@ from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
 from .console import ModelSummary, quiet_libraries
 from .errors import Stopped, UsageError
-from .global_batch import apply_tokens_per_step
+from .global_batch import apply_tokens_per_step, planned_steps
 from .memory import keep_freed_memory
 from .run_state import RunState
 from .runs import RunConfig, RunFolderLock, SaveRunConfig, finish_loggers, run_loggers, stop_wandb
@@ -219,10 +219,8 @@ class CLI(LightningCLI):
         resume.check_ckpt_path(ckpt_path)
         self._checkpoint = read_checkpoint(ckpt_path, "cpu", self.model_kind.name)
         if subcommand == "fit":
-            max_steps = config.trainer.max_steps
-            if config.get("max_tokens") and config.get("tokens_per_step"):  # whichever is first
-                budget = config.max_tokens // config.tokens_per_step
-                max_steps = budget if max_steps in (None, -1) else min(max_steps, budget)
+            max_steps = planned_steps(config.trainer.max_steps, config.get("max_tokens"),
+                                      config.get("tokens_per_step"))
             resume.check_steps_left(ckpt_path, max_steps, self._checkpoint["global_step"])
         if model.get("init_from"):  # a warm-started run resumes: its architecture is in the file
             self._take_architecture(model, ckpt_path)

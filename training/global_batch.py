@@ -39,6 +39,16 @@ def accumulation(tokens_per_step: int, batch_size: int, block_size: int, process
     return tokens_per_step // per_round
 
 
+def planned_steps(max_steps: int | None, max_tokens: int | None,
+                  tokens_per_step: int | None) -> int | None:
+    """The steps a run trains: ``max_steps`` or the token budget's, whichever comes first (-1 or
+    None: no limit of that kind)."""
+    if not (max_tokens and tokens_per_step):
+        return max_steps
+    budget = max_tokens // tokens_per_step
+    return budget if max_steps in (None, -1) else min(max_steps, budget)
+
+
 def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_size: int,
                           max_tokens: int | None = None) -> None:
     """Set the Trainer's accumulation from the global batch, its validation interval in optimizer
@@ -62,7 +72,7 @@ def apply_tokens_per_step(trainer, tokens_per_step: int, batch_size: int, block_
             raise UsageError(f"--max_tokens {max_tokens:,} is less than one step of "
                              f"--tokens_per_step {tokens_per_step:,}: give a larger budget")
         steps = max_tokens // tokens_per_step
-        if trainer.max_steps in (None, -1) or steps <= trainer.max_steps:  # the budget ends it
+        if planned_steps(trainer.max_steps, max_tokens, tokens_per_step) == steps:  # the budget's
             trainer.fit_loop.epoch_loop.max_steps = steps  # (and the lr decay with it)
             budget = f"; {steps:,} steps for --max_tokens {max_tokens:,}"
         else:  # a number of steps ends it first (a short test of a config), and the line says so
