@@ -50,6 +50,7 @@ from training.cli import CLI, ModelKind, build_cli
 from training.evaluation import final_bleu, log_samples, log_val_bleu
 from training.global_batch import rescale_batches_done
 from training.optimization import check_optimization, lower_lr_advice, take_settings
+from training.run_state import process_start_time
 
 # ------------------------------------------------------------------------------------------------
 # The learning-rate schedule
@@ -426,18 +427,23 @@ KINDS = {"gpt": ModelKind(GPTLightningModule, LMDataModule, "block_size",
                               masks_padded_keys=True)}
 
 
-def main(args: list[str] | None = None, run: bool = True) -> CLI:
+def main(args: list[str] | None = None, run: bool = True,
+         command_started: float | None = None) -> CLI:
     """train.py's CLI for ``args`` (default: the command line). ``run=False`` builds the model, data
     module and Trainer without training (``args`` then has no ``fit``), as scripts/bench_train.py
-    does."""
+    does. ``command_started``: when the command started (``time.time()``), from which
+    ``--target_loss`` counts its command time; default now."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    return build_cli(KINDS, args, run)
+    return build_cli(KINDS, args, run, command_started)
 
 
 def cli(args: list[str] | None = None) -> int:
     """``main`` as a command: bad input, a full disk, Ctrl-C or SIGTERM (after saving a checkpoint)
-    end in one line and an exit status (training/errors.py)."""
-    return exit_code(lambda: main(args))
+    end in one line and an exit status (training/errors.py). The command clock of the command line
+    (``args`` None) starts when this process did, imports included, where the system says when;
+    else (and for ``args`` given in a running program) now."""
+    started = process_start_time() if args is None else None
+    return exit_code(lambda: main(args, command_started=started))
 
 
 if __name__ == "__main__":

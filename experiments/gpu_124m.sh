@@ -4,16 +4,7 @@
 # written to $OUT: preparing a web-like Parquet corpus on every core, bench_train.py's step time
 # with and without compile (tokens/s, MFU, memory), a 200-step training run, and the test suite.
 set -uo pipefail
-WORK=${WORK:-$(mktemp -d)}  # downloads, caches and runs
-OUT=${OUT:-$WORK/out}
-mkdir -p "$OUT"
-rm -rf "$WORK/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" .whl/*.whl || exit 1
-export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true \
-    HF_HUB_OFFLINE=1 MINIGPT_CACHE="$WORK/minigpt" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
-nvidia-smi -L; nproc
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+source experiments/gpu_env.sh  # $WORK, $OUT, the packages, the environment
 WEB="$WORK/prep/corpus-100mb"
 timeout 60 python3 experiments/prep_memory.py --sizes-mb 100 --docs-per-file 2000 \
     --work "$WORK/prep" 2>&1 | tee "$OUT/prep.md"

@@ -12,6 +12,7 @@ and nanochat, or LLaMA's SwiGLU (``NORMS``, ``MLPS``).
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -91,6 +92,23 @@ def mlp_hidden_size(mlp: str, n_embd: int) -> int:
     return 4 * n_embd
 
 
+class ReLUSquared(torch.autograd.Function):
+    """relu(h)^2 with its backward written out: the gradient is 2 relu(h), which the forward pass
+    already holds. Autograd through ``F.relu(h).square()`` computes it with a general ``pow`` and
+    a second pass for relu's mask, a few percent of a CPU training step of a small model."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        r = F.relu(h)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        r, = ctx.saved_tensors
+        return grad * r * 2  # zero where h <= 0, as relu's mask would make it
+
+
 class MLP(nn.Module):
     """out_proj(act(fc(x))): act is GELU (``gelu``; ``gelu_tanh``: its tanh approximation, which
     GPT-2 used and its weights expect, Hugging Face's "gelu_new") or relu(.)^2 (``relu2``: as cheap
@@ -111,7 +129,7 @@ class MLP(nn.Module):
         elif self.kind == "gelu_tanh":
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = ReLUSquared.apply(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up

@@ -413,17 +413,20 @@ def ms_per_step(run: Run) -> float | None:
     return 1000 * points[-1][1] / (points[-1][0] + 1) if points else None
 
 
+TARGET_CLOCKS = ("val/train_time_s", "val/wall_time_s", "val/command_time_s")
+
+
 def to_target(run: Run, metric: str, target: float) -> tuple[int | None, float | None,
-                                                               float | None]:
+                                                               float | None, float | None]:
     """The first validation at which ``metric`` is at most ``target``: the optimizer steps done
-    then (the logged step, 0-based, plus one), and the training time (validations left out) and
-    wall time that reached it; Nones where it never was (or, for the times, where the run did not
-    log them: runs of older code lack val/train_time_s)."""
+    then (the logged step, 0-based, plus one), the training time (validations left out) and wall
+    time that reached it, and the time from the command's start to that validation's result
+    (training.run_state.RunState); Nones where it never was (or, for the times, where the run did
+    not log them: runs of older code lack some)."""
     for step, value in run.series(metric):
         if value <= target:
-            return (step + 1, run.history.get("val/train_time_s", {}).get(step),
-                    run.history.get("val/wall_time_s", {}).get(step))
-    return None, None, None
+            return (step + 1, *(run.history.get(clock, {}).get(step) for clock in TARGET_CLOCKS))
+    return None, None, None, None
 
 
 def table(runs: list[Run], metric: str, all_settings: bool = False,
@@ -436,8 +439,8 @@ def table(runs: list[Run], metric: str, all_settings: bool = False,
     if from_settings:  # the first column shows them already
         settings = []
     finals = [k for k in FINAL if any(k in run.history for run in runs)]
-    reach = ([f"steps to {target:g}", f"train s to {target:g}", f"wall s to {target:g}"]
-             if target is not None else [])
+    reach = ([f"steps to {target:g}", f"train s to {target:g}", f"wall s to {target:g}",
+              f"command s to {target:g}"] if target is not None else [])
     header = ["run", *settings, "last step", "time (min)", "ms/step", f"best {metric}",
               f"final {metric}", "final train/loss", *reach, *finals]
     rows = []

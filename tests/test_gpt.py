@@ -125,3 +125,24 @@ def test_a_single_batch_can_be_overfit(impl):
         optimizer.step()
     assert first > 3.5  # about ln(50) = 3.9 at the start
     assert loss.item() < 0.05  # the batch is memorised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_relu_with_its_written_out_backward_matches_autograd(dtype):
+    from torch.nn import functional as F
+
+    from model.block import ReLUSquared
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 16, dtype=dtype)
+    h[0, 0, :4] = 0.0  # relu's kink: no gradient there
+    grad = torch.randn_like(h)
+    ours, theirs = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out = ReLUSquared.apply(ours)
+    out.backward(grad)
+    expected = F.relu(theirs).square()
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same products
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (torch.randn(4, 6, dtype=torch.float64,
+                                                                    requires_grad=True),))

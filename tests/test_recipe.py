@@ -6,6 +6,8 @@ import copy
 import csv
 import itertools
 import logging
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from scripts import ablate, compare_runs
 from train import cli, warmup_cosine
 from training.callbacks import TargetLoss
 from training.errors import UsageError
+from training.run_state import process_start_time
 
 OPTIONS = {"mlp": ("gelu", "relu2", "swiglu"), "norm": ("layernorm", "rmsnorm"),
            "tie_embeddings": (True, False), "zero_init_proj": (False, True),
@@ -277,18 +280,46 @@ def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, capl
     folder, = run_folders(tmp_path)
     rows = metrics(folder)
     val = [(int(r["step"]), float(r["val/loss"]), float(r["val/train_time_s"]),
-            float(r["val/wall_time_s"])) for r in rows if r["val/loss"]]
-    assert all(train < wall for _, _, train, wall in val)  # validations are left out
+            float(r["val/wall_time_s"]), float(r["val/command_time_s"]))
+           for r in rows if r["val/loss"]]
+    # validations are left out of the training time; the command's clock counts everything,
+    # the set-up before training and the validation itself
+    assert all(train < wall < command for _, _, train, wall, command in val)
     first = next(v for v in val if v[1] <= 3.0)
     target = {k: float(v) for r in rows for k, v in r.items() if k.startswith("target/") and v}
     assert target["target/step"] == first[0] + 1  # the CSV's step is the last one done, 0-based
     assert target["target/train_time_s"] == pytest.approx(first[2])
-    assert f"Time to val/loss <= 3.0: step {first[0] + 1}," in caplog.text
+    assert target["target/command_time_s"] == pytest.approx(first[4])
+    assert (f"Time to val/loss <= 3.0: step {first[0] + 1}, {first[2]:.1f} s of training "
+            f"({first[3]:.1f} s with validations, {first[4]:.1f} s from the command's start;"
+            in caplog.text)
+    # wandb's run summary (the runs table's columns) carries both clocks
+    offline, = (folder / "wandb").glob("offline-run-*/*.wandb")
+    summary = {i.key: float(i.value_json) for record in compare_runs.wandb_records(offline)
+               if record.WhichOneof("record_type") == "summary" for i in record.summary.update
+               if i.key.startswith("target/")}
+    assert summary["target/command_time_s"] == pytest.approx(first[4])
+    assert summary["target/train_time_s"] == pytest.approx(first[2])
     run = compare_runs.load(str(folder))
-    assert compare_runs.to_target(run, "val/loss", 3.0) == (first[0] + 1, first[2], first[3])
-    assert compare_runs.to_target(run, "val/loss", 0.01) == (None, None, None)
+    assert compare_runs.to_target(run, "val/loss", 3.0) == (first[0] + 1, *first[2:])
+    assert compare_runs.to_target(run, "val/loss", 0.01) == (None, None, None, None)
     assert compare_runs.ms_per_step(run) == pytest.approx(1000 * val[-1][2] / (val[-1][0] + 1))
-    assert "| steps to 3 |" in compare_runs.table([run], "val/loss", target=3.0).replace("  ", "")
+    assert "| steps to 3 | train s to 3 | wall s to 3 | command s to 3 |" in \
+        compare_runs.table([run], "val/loss", target=3.0).replace("  ", "")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc")
+def test_the_command_clock_starts_when_the_process_did():
+    before = time.time()
+    process = subprocess.Popen(["sleep", "5"])
+    after = time.time()
+    try:
+        started = process_start_time(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    assert before - 0.02 <= started <= after + 0.02  # the kernel's clock ticks: 1/100 s
+    assert process_start_time() < before  # this process is older
 
 
 def test_an_unreached_target_says_so_and_a_bad_one_is_refused(text_file, tmp_path, caplog, capsys):

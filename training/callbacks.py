@@ -6,6 +6,7 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor, WeightAveraging
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from model.device import peak_dtype
@@ -113,11 +114,15 @@ def max_memory_gib(device: torch.device) -> float | None:
 
 class TargetLoss(L.Callback):
     """Time to a target loss: the first validation whose ``val/loss`` is at most ``loss``, with the
-    step, wall time and training time (wall time less validations, from ``RunState``) that
-    reached it. Printed when it happens and at the end of training (``summary``), logged once as
-    ``target/step``, ``target/wall_time_s`` and ``target/train_time_s``, and kept in checkpoints
-    (a resumed run still knows). The resolution is the validation interval: the target was
-    reached at most ``val_check_interval`` steps earlier."""
+    step and three clocks (``RunState``): the training time (validations left out: the speedrun's
+    measure), the wall time since training started, validations included, both at the moment that
+    validation began, and the command time, from the moment the command started to the moment that
+    validation's loss was known (start-up, data and every validation: what its user waited).
+    Printed when it happens and at the end of training (``summary``), logged once as
+    ``target/step``, ``target/train_time_s``, ``target/wall_time_s`` and
+    ``target/command_time_s`` (a row of metrics.csv, and wandb's history and run summary), and kept
+    in checkpoints (a resumed run still knows). The resolution is the validation interval: the
+    target was reached at most ``val_check_interval`` steps earlier."""
 
     def __init__(self, loss: float):
         if not loss > 0:
@@ -134,21 +139,26 @@ class TargetLoss(L.Callback):
         self.best = loss if self.best is None else min(self.best, loss)
         if self.reached is not None or loss > self.loss:
             return
-        wall, train = RunState.of(trainer).val_started_at
+        clock = RunState.of(trainer)
+        wall, train = clock.val_started_at
         self.reached = {"step": trainer.global_step, "wall_time_s": wall, "train_time_s": train,
-                        "val_loss": loss}
+                        "command_time_s": clock.val_known_at, "val_loss": loss}
         rank_zero_info(f"\n{self.summary()}")
+        metrics = {f"target/{key}": value for key, value in self.reached.items()}
         for logger in trainer.loggers:  # at the validation's step, as the loggers number it
-            logger.log_metrics({f"target/{key}": value for key, value in self.reached.items()},
-                               step=trainer.global_step - 1)
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.summary.update(metrics)  # the runs table's columns
 
     def summary(self) -> str:
         if self.reached is None:
             best = f" (best {self.best:.4f})" if self.best is not None else ""
             return f"val/loss has not reached the target {self.loss}{best}"
         r = self.reached
+        command = (f", {r['command_time_s']:.1f} s from the command's start"
+                   if r.get("command_time_s") is not None else "")  # (older checkpoints: none)
         return (f"Time to val/loss <= {self.loss}: step {r['step']}, {r['train_time_s']:.1f} s of "
-                f"training ({r['wall_time_s']:.1f} s wall time with validations; val/loss "
+                f"training ({r['wall_time_s']:.1f} s with validations{command}; val/loss "
                 f"{r['val_loss']:.4f})")
 
     def state_dict(self) -> dict:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -130,12 +131,16 @@ class CLI(LightningCLI):
         kind_names: every kind's name, which a config's ``kind`` may give.
         launcher_run_id: the run id of a multi-process run, which its launcher passes to the
             worker processes in $MINIGPT_RUN_ID (they start from the command line again).
+        command_started: when the command started, in ``time.time()`` seconds, for the command
+            clock of ``RunState`` (default: now).
     """
 
     def __init__(self, model_kind: ModelKind, *, kind_names: tuple[str, ...] = ("gpt",),
-                 launcher_run_id: str | None = None, **kwargs):
+                 launcher_run_id: str | None = None, command_started: float | None = None,
+                 **kwargs):
         self.model_kind, self.kind_names = model_kind, kind_names
         self.launcher_run_id = launcher_run_id
+        self.command_started = time.time() if command_started is None else command_started
         super().__init__(model_kind.module, model_kind.data, **kwargs)
 
     def add_arguments_to_parser(self, parser):
@@ -287,7 +292,7 @@ class CLI(LightningCLI):
         plugins = _as_list(config.trainer.get("plugins"))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        callbacks = [*_as_list(config.trainer.get("callbacks")), RunState()]
+        callbacks = [*_as_list(config.trainer.get("callbacks")), RunState(self.command_started)]
         if config.get("target_loss") is not None:
             callbacks.append(TargetLoss(config.target_loss))
         if config.trainer.get("enable_model_summary") is not False and \
@@ -383,9 +388,11 @@ TRAINER_DEFAULTS = {
 }
 
 
-def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: bool = True) -> CLI:
+def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: bool = True,
+              command_started: float | None = None) -> CLI:
     """The CLI for ``args`` (default: the command line), of the kind they ask for. ``run=False``
-    builds the model, data module and Trainer without training (``args`` then has no ``fit``)."""
+    builds the model, data module and Trainer without training (``args`` then has no ``fit``).
+    ``command_started``: when the command started (``time.time()``; default now)."""
     kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]
     quiet_libraries()  # the project's lines and Lightning's progress, not library noise
     keep_freed_memory()  # big CPU tensors reused, not paged in at every step (training/memory.py)
@@ -400,4 +407,5 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
                run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
                parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
                save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False},
-               launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None))
+               launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None),
+               command_started=command_started)

@@ -2,11 +2,26 @@
 step, loops): its clock and its random states, so that N steps, a resume and N more give what 2N
 steps straight give, and time keeps counting from where the run stopped."""
 
+import os
 import random
 import time
 
 import lightning as L
 import torch
+
+
+def process_start_time(pid: int | str = "self") -> float | None:
+    """When process ``pid`` (default: this one) started, in ``time.time()`` seconds, as the kernel
+    recorded it (Linux's /proc, to 1/100 s), so that the interpreter's own start-up and every
+    import count; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # "pid (name) state ...": the name may hold spaces
+            fields = f.read().rsplit(")", 1)[1].split()
+        after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in clock ticks
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - after_boot
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age if age >= 0 else None
 
 
 class RunState(L.Callback):
@@ -25,7 +40,9 @@ class RunState(L.Callback):
     random numbers, and before the first step.
     """
 
-    def __init__(self):
+    def __init__(self, command_started: float | None = None):
+        self.command_started = time.time() if command_started is None else command_started
+        self.val_known_at = 0.0  # command time when the last validation's metrics were known
         self._elapsed_before = 0.0  # wall-clock seconds of training before a resume
         self._fit_start: float | None = None
         self._val_seconds = 0.0  # seconds spent validating, resumes included
@@ -53,6 +70,10 @@ class RunState(L.Callback):
     def train_time(self) -> float:
         return self.wall_time() - self.validation_time()
 
+    def command_time(self) -> float:
+        """Seconds since this command started (a resumed run's count from its own command)."""
+        return time.time() - self.command_started
+
     def on_fit_start(self, trainer, pl_module):  # after a resume's on_load_checkpoint
         self._fit_start = time.perf_counter() - self._elapsed_before
 
@@ -79,8 +100,10 @@ class RunState(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if self._fit_start is not None and not trainer.sanity_checking:
             wall, train = self.val_started_at
+            self.val_known_at = self.command_time()
             pl_module.log("val/wall_time_s", wall, sync_dist=True)
             pl_module.log("val/train_time_s", train, sync_dist=True)
+            pl_module.log("val/command_time_s", self.val_known_at, sync_dist=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["wall_time_s"] = self.wall_time()
