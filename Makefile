@@ -16,8 +16,8 @@
 #   make install TORCH_INDEX=                   # torch from pip's configured index, no probing
 
 # `make train` runs configs/shakespeare_char_cpu.yaml, the recipe docs/recipe.md walks through: a
-# model worth sampling from in a couple of minutes. `make speedrun` runs the record config, which
-# stops as soon as it can at 1.88 with a smaller model: the record, not the model to keep.
+# model worth sampling from in a couple of minutes. `make speedrun` runs the record config: a
+# smaller model, as short a run as still reaches 1.88; the record, not the model to keep.
 
 PYTHON ?= python3
 VENV   ?= .venv

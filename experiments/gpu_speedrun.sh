@@ -54,6 +54,8 @@ def score(name):
     try:
         rows = [r for r in csv.DictReader(open(f"{out}/{name}.csv")) if r.get("val/loss")]
     except OSError:
+        rows = []
+    if not rows:  # no validation: failed, or stopped before the first
         return (2, 0.0)
     hit = [float(r["val/command_time_s"]) for r in rows if float(r["val/loss"]) <= 1.47]
     return (0, hit[0]) if hit else (1, min(float(r["val/loss"]) for r in rows))
@@ -68,4 +70,5 @@ done
 
 # the CUDA tests, where time is left (a device session lends minutes)
 [ -n "${SKIP_TESTS:-}" ] || [ "$SECONDS" -gt 420 ] \
-    || timeout 150 python3 -m pytest -q -x -n 12 -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -8
+    || timeout 150 python3 -m pytest -q -x -n 12 -m "not slow" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests.log" | tail -8

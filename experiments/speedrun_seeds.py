@@ -6,7 +6,7 @@ the training time and the final val loss, with their mean and spread, as a Markd
     python experiments/speedrun_seeds.py configs/speedrun_char_gpu.yaml --threads 0 --core -1
 
 Each command runs with OMP_NUM_THREADS=--threads (0: PyTorch's default) and, where ``taskset``
-exists and --core is given, on that core alone. Run nothing else on the machine meanwhile.
+exists, on core --core alone (default 0; -1: any core). Run nothing else on the machine meanwhile.
 Arguments after ``--`` go to every train.py command.
 """
 
@@ -63,8 +63,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (0: leave it)")
     p.add_argument("--core", type=int, default=0, help="taskset core (-1: none)")
-    p.add_argument("extra", nargs="*", help="after --: flags for every train.py command")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: every train.py command's
+    args = p.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]
     core = None if args.core < 0 else args.core
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_once(args.config, seed, args.threads, core, Path(tmp), args.extra)
@@ -77,13 +79,13 @@ def main() -> None:
         cells = ([f"{r['target/command_time_s']:.1f}", f"{r['target/train_time_s']:.1f}",
                   f"{r['target/step']:.0f}", f"{r['target/val_loss']:.4f}"] if reached
                  else ["not reached", "-", "-", "-"])
-        print(f"| {r['seed']} | " + " | ".join(cells)
-              + f" | {r['final_val']:.4f} | {r['whole_s']:.1f} |")
+        final = f"{r['final_val']:.4f}" if r["final_val"] is not None else "-"
+        print(f"| {r['seed']} | " + " | ".join(cells) + f" | {final} | {r['whole_s']:.1f} |")
     reached = [r for r in runs if "target/command_time_s" in r]
     print(f"\nreached by {len(reached)} of {len(runs)} seeds; from the command's start: "
           f"{spread([r['target/command_time_s'] for r in reached])} s; training: "
           f"{spread([r['target/train_time_s'] for r in reached])} s; final val/loss: "
-          f"{spread([r['final_val'] for r in runs], 4)}")
+          f"{spread([r['final_val'] for r in runs if r['final_val'] is not None], 4)}")
 
 
 if __name__ == "__main__":

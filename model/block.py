@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .attention import KVCache, MultiHeadAttention, check_attn_impl
 
@@ -104,6 +105,7 @@ class ReLUSquared(torch.autograd.Function):
         return r * r
 
     @staticmethod
+    @once_differentiable  # (a second derivative through it raises rather than comes out wrong)
     def backward(ctx, grad: Tensor) -> Tensor:
         r, = ctx.saved_tensors
         return grad * r * 2  # zero where h <= 0, as relu's mask would make it

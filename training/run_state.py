@@ -103,7 +103,8 @@ class RunState(L.Callback):
             self.val_known_at = self.command_time()
             pl_module.log("val/wall_time_s", wall, sync_dist=True)
             pl_module.log("val/train_time_s", train, sync_dist=True)
-            pl_module.log("val/command_time_s", self.val_known_at, sync_dist=True)
+            # the oldest process's clock: rank 0, the command's (a launcher starts the others later)
+            pl_module.log("val/command_time_s", self.val_known_at, sync_dist=True, reduce_fx="max")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["wall_time_s"] = self.wall_time()
