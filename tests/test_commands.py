@@ -19,9 +19,9 @@ from training.errors import UsageError
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
         REPO / "experiments" / "README.md"]
-# a command: python train.py ..., python scripts/NAME.py ..., or make train ..., wherever it starts
-# in a line (after `echo ... |` or environment settings) and up to the end of its code span
-COMMAND = re.compile(r"(?:python3? (?:train\.py|scripts/\w+\.py)|make train)\b[^`]*")
+# a command: python train.py ..., python scripts/NAME.py ..., make train|speedrun ..., wherever
+# it starts in a line (after `echo ... |` or environment settings), up to the end of its code span
+COMMAND = re.compile(r"(?:python3? (?:train\.py|scripts/\w+\.py)|make (?:train|speedrun))\b[^`]*")
 
 
 def doc_commands(path: Path) -> list[str]:

@@ -148,7 +148,9 @@ class TargetLoss(L.Callback):
         for logger in trainer.loggers:  # at the validation's step, as the loggers number it
             logger.log_metrics(metrics, step=trainer.global_step - 1)
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.summary.update(metrics)  # the runs table's columns
+                # the runs table's columns, set: an offline run's file holds no summary of keys
+                # that were only logged
+                logger.experiment.summary.update(metrics)
 
     def summary(self) -> str:
         if self.reached is None:
