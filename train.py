@@ -106,6 +106,9 @@ class TrainModule(L.LightningModule):
         muon_ns_steps: Muon's Newton-Schulz iterations (PyTorch's default: 5); each costs three
             matrix products per weight matrix.
         decay_embeddings: weight decay on the embeddings too (nanoGPT's choice; off by default).
+        embedding_lr: AdamW's peak learning rate for the embedding tables (the token embedding,
+            which is also the LM head when tied, and the position table), on the same warmup and
+            decay; default ``lr``.
     """
 
     kind: str
@@ -116,7 +119,7 @@ class TrainModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.95),
                  optimizer: Literal["adamw", "muon"] = "adamw", muon_lr: float = 0.02,
                  muon_momentum: float = 0.95, muon_ns_steps: int = 5,
-                 decay_embeddings: bool = False):
+                 decay_embeddings: bool = False, embedding_lr: float | None = None):
         super().__init__()
         # the __init__ arguments of the chain of subclasses but config become self.hparams
         self.save_hyperparameters(ignore=["config"], logger=False)
@@ -162,7 +165,7 @@ class TrainModule(L.LightningModule):
             self.model, hp.optimizer, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay,
             decay_embeddings=hp.decay_embeddings, muon_lr=hp.muon_lr,
             muon_momentum=hp.muon_momentum, muon_ns_steps=hp.muon_ns_steps,
-            ns_dtype=torch.bfloat16 if bf16 else torch.float32,
+            ns_dtype=torch.bfloat16 if bf16 else torch.float32, embedding_lr=hp.embedding_lr,
             fused=self.device.type in ("cuda", "cpu") and not mixed)
         # this command's settings of each group, which a resumed run takes (on_train_start)
         self._group_settings = [{k: v for k, v in group.items() if k != "params"}

@@ -7,8 +7,9 @@ instead of the learned table (``pos_emb="rope"``), grouped-query attention (``n_
 sliding windows (``window``) and QK-norm (``qk_norm``); see ``model/attention.py`` and
 ``docs/attention.md``. So is the rest of a modern recipe (docs/training.md): RMSNorm
 (``norm``), a squared-ReLU or SwiGLU MLP (``mlp``), an LM head of its own
-(``tie_embeddings=False``), zero-initialised output projections (``zero_init_proj``) and a
-tanh cap on the logits (``logit_softcap``).
+(``tie_embeddings=False``), zero-initialised output projections (``zero_init_proj``), a
+tanh cap on the logits (``logit_softcap``) and the previous token's embedding smeared into each
+position's (``smear``).
 """
 
 from collections.abc import Iterable, Iterator
@@ -51,6 +52,11 @@ class GPTConfig:
     # logits become softcap * tanh(logits / softcap): they stay within (-softcap, softcap), which
     # keeps a fast-learning model from growing over-confident early (Gemma 2); None: no cap
     logit_softcap: float | None = None
+    # each position's embedding adds a learned share of the previous token's (one weight per
+    # channel, starting at 0): the previous token, which a small model otherwise has to fetch
+    # with an attention head, is in the residual stream from the start (modded-nanogpt's "smear",
+    # without its gate)
+    smear: bool = False
 
     def __post_init__(self):
         check_config(self, positive=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
@@ -80,6 +86,8 @@ class GPT(nn.Module):
         # learned position embedding; rotary positions have no table (they turn q and k instead)
         self.wpe = (nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned"
                     else None)
+        # (C,) the share of the previous token's embedding each channel adds (``smear``)
+        self.smear = nn.Parameter(torch.zeros(config.n_embd)) if config.smear else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config.n_embd, config.n_head, n_kv_head=config.n_kv_head,
@@ -113,9 +121,11 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
-                kv_caches: list[KVCache] | None = None):
+                kv_caches: list[KVCache] | None = None, prev_tokens: Tensor | None = None):
         """idx: (B, T) token ids; targets: (B, T) next-token ids (-100 = ignore); kv_caches: one per
-        block, holding the earlier tokens of the sequences (generation), which idx continues.
+        block, holding the earlier tokens of the sequences (generation), which idx continues;
+        prev_tokens: (B,) the token before idx's first, which ``smear`` mixes into it (None: idx
+        begins the sequence; a model with ``smear`` continuing cached tokens needs it).
 
         Returns logits (B, T, vocab_size) and the mean cross-entropy (None without targets).
         """
@@ -125,6 +135,8 @@ class GPT(nn.Module):
         past = kv_caches[0].seen if kv_caches else 0  # the position of idx's first token
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.wte(idx)  # (B, T, C)
+        if self.smear is not None:
+            x = self._smear(x, past, prev_tokens)
         rotary = None
         if self.wpe is not None:
             if past + T > self.config.block_size:
@@ -147,6 +159,19 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
         return logits, loss
+
+    def _smear(self, x: Tensor, past: int, prev_tokens: Tensor | None) -> Tensor:
+        """x (B, T, C) token embeddings -> x_t + smear * x_{t-1}. The first token's predecessor is
+        prev_tokens' embedding, or nothing (zeros) at the start of a sequence."""
+        if prev_tokens is None:
+            if past > 0:
+                raise ValueError("a model with smear continuing cached tokens needs the token "
+                                 "before idx: pass prev_tokens (B,)")
+            first = x.new_zeros(x.size(0), 1, x.size(2))
+        else:
+            first = self.wte(prev_tokens)[:, None]  # (B, 1, C)
+        before = torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C): each token's predecessor
+        return x + self.smear * before
 
     # ------------------------------------------------------------------ generation
 
@@ -189,8 +214,10 @@ class GPT(nn.Module):
             #    query attends to the cached keys of all earlier ones. Without, recompute it all.
             #    (self.forward, not self(...): a compiled model would recompile for every length.)
             if caches:
-                new = seq[:, start + caches[0].seen:]  # (B, 1) after the first step
-                logits = self.forward(new, kv_caches=caches)[0][:, -1]  # (B, vocab_size)
+                first = start + caches[0].seen  # new = seq[:, first:]: (B, 1) after the first step
+                prev = seq[:, first - 1] if caches[0].seen else None  # (smear) the one before
+                logits = self.forward(seq[:, first:], kv_caches=caches,
+                                      prev_tokens=prev)[0][:, -1]  # (B, vocab_size)
             else:
                 logits = self.forward(seq[:, start:])[0][:, -1]
             # 3. Choose the tokens (greedy, or sampled: the caller's `pick`) and append them.

@@ -38,7 +38,8 @@ GPT2_VOCAB_SIZE = 50257
 
 # The GPTConfig fields that make our GPT a GPT-2 (the others: its size and vocabulary).
 GPT2_ARCHITECTURE = dict(bias=True, pos_emb="learned", norm="layernorm", mlp="gelu_tanh",
-                         qk_norm=False, n_kv_head=None, window=None, logit_softcap=None)
+                         qk_norm=False, n_kv_head=None, window=None, logit_softcap=None,
+                         smear=False)
 
 # Hugging Face's GELUs, by config.json's "activation_function", and ours. "gelu_new" and
 # "gelu_pytorch_tanh" are the same function (the tanh approximation) written two ways.
@@ -123,7 +124,7 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
     if options:
         raise ValueError(f"GPT-2's format has no place for {', '.join(options)}: only a model of "
                          f"GPT-2's architecture exports (learned positions, LayerNorm, a GELU MLP; "
-                         f"no QK-norm, grouped-query attention, window or logit cap)")
+                         f"no QK-norm, grouped-query attention, window, logit cap or smear)")
     activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[config.mlp]
     eot = GPT2_VOCAB_SIZE - 1 if config.vocab_size == GPT2_VOCAB_SIZE else None
     return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],

@@ -135,42 +135,55 @@ def hidden_matrices(module: nn.Module) -> list[nn.Parameter]:
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                 exclude: Sequence[nn.Parameter] = ()) -> list[dict]:
+                 exclude: Sequence[nn.Parameter] = (), embedding_lr: float | None = None
+                 ) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only, not on biases, norms or embeddings
     (``decay_embeddings``: on embeddings too, as nanoGPT does). ``exclude``: parameters another
-    optimizer trains."""
+    optimizer trains. ``embedding_lr``: the embedding tables in a third group of their own, at that
+    learning rate (a table's row moves only when its token is in the batch, so it can take a
+    larger step than the weights every token trains); None: in the other two, at the optimizer's."""
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     excluded = {id(p) for p in exclude}
     params = [p for p in module.parameters() if id(p) not in excluded]  # tied weights appear once
+    own_group = [embedding_lr is not None and id(p) in embeddings for p in params]
     decays = [p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) for p in params]
-    return [{"params": [p for p, d in zip(params, decays, strict=True) if d],
-             "weight_decay": weight_decay},
-            {"params": [p for p, d in zip(params, decays, strict=True) if not d],
-             "weight_decay": 0.0}]
+    groups = [{"params": [p for p, d, o in zip(params, decays, own_group, strict=True)
+                          if d and not o], "weight_decay": weight_decay},
+              {"params": [p for p, d, o in zip(params, decays, own_group, strict=True)
+                          if not d and not o], "weight_decay": 0.0}]
+    if embedding_lr is not None:
+        groups.append({"params": [p for p, o in zip(params, own_group, strict=True) if o],
+                       "weight_decay": weight_decay if decay_embeddings else 0.0,
+                       "lr": embedding_lr})
+    return groups
 
 
 def build_optimizer(module: nn.Module, optimizer: str, *, lr: float, betas: Sequence[float],
                     weight_decay: float, decay_embeddings: bool = False, muon_lr: float = 0.02,
                     muon_momentum: float = 0.95, muon_ns_steps: int = 5,
-                    ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False) -> Optimizer:
-    """``adamw``: AdamW for every parameter (``param_groups``). ``muon``: Muon for the blocks'
-    weight matrices (``hidden_matrices``), its Newton-Schulz iterations in ``ns_dtype``, and AdamW
-    for the rest, stepped as one ``CombinedOptimizer`` whose groups are named adamw,
-    adamw_no_decay and muon. ``fused``: AdamW's one-kernel step (else its multi-tensor one)."""
+                    ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False,
+                    embedding_lr: float | None = None) -> Optimizer:
+    """``adamw``: AdamW for every parameter (``param_groups``; ``embedding_lr``: the embedding
+    tables' own). ``muon``: Muon for the blocks' weight matrices (``hidden_matrices``), its
+    Newton-Schulz iterations in ``ns_dtype``, and AdamW for the rest, stepped as one
+    ``CombinedOptimizer`` whose groups are named adamw, adamw_no_decay, (with ``embedding_lr``)
+    embeddings, and muon. ``fused``: AdamW's one-kernel step (else its multi-tensor one)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is unknown; choose one of {list(OPTIMIZERS)}")
     if muon_ns_steps < 1:
         raise ValueError(f"muon_ns_steps must be 1 or more (Muon's Newton-Schulz iterations; "
                          f"PyTorch's default is 5), got {muon_ns_steps}")
     muon_params = hidden_matrices(module) if optimizer == "muon" else []
-    adamw = torch.optim.AdamW(param_groups(module, weight_decay, decay_embeddings, muon_params),
+    adamw = torch.optim.AdamW(param_groups(module, weight_decay, decay_embeddings, muon_params,
+                                           embedding_lr),
                               lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
     if not muon_params:
         return adamw
     muon = Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
                 ns_steps=muon_ns_steps, ns_dtype=ns_dtype)
     # named groups: the learning-rate monitor logs lr-CombinedOptimizer/{adamw,muon,...}
-    for group, name in zip(adamw.param_groups + muon.param_groups,
-                           ("adamw", "adamw_no_decay", "muon"), strict=True):
+    names = ("adamw", "adamw_no_decay") + (("embeddings",) if embedding_lr is not None else ())
+    for group, name in zip(adamw.param_groups + muon.param_groups, names + ("muon",),
+                           strict=True):
         group["name"] = name
     return CombinedOptimizer(adamw, muon)

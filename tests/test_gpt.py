@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import ATTENTION_KERNELS, GPT, GPTConfig
+from model import ATTENTION_KERNELS, GPT, GPTConfig, KVCache
 
 IMPLS = sorted(ATTENTION_KERNELS)
 
@@ -146,3 +146,51 @@ def test_squared_relu_with_its_written_out_backward_matches_autograd(dtype):
     torch.testing.assert_close(ours.grad, theirs.grad)
     assert torch.autograd.gradcheck(ReLUSquared.apply, (torch.randn(4, 6, dtype=torch.float64,
                                                                     requires_grad=True),))
+
+
+def smeared_gpt(**overrides) -> GPT:
+    """A model with ``smear`` whose shares are not zero (they start at zero: the identity)."""
+    model = make_gpt(smear=True, **overrides)
+    with torch.no_grad():
+        model.smear.uniform_(-1.0, 1.0)
+    return model
+
+
+def test_smear_starts_as_the_identity_and_mixes_in_only_earlier_tokens():
+    idx = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(make_gpt(smear=True)(idx)[0], make_gpt()(idx)[0])
+    model = smeared_gpt()
+    assert not torch.allclose(model(idx)[0], make_gpt()(idx)[0])
+    for t in (0, 7, 14):  # a change after t reaches no logit up to t
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = (idx2[:, t + 1:] + 1 + torch.randint(0, 48, idx2[:, t + 1:].shape)) % 50
+        assert torch.equal(model(idx)[0][:, :t + 1], model(idx2)[0][:, :t + 1])
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_smeared_cached_generation_equals_uncached(pos_emb):
+    """48 steps past block_size 16: learned positions crop and rebuild the cache (the first kept
+    token then has no predecessor, as the first of a training window), rotary ones roll it, each
+    new token smeared with the one before it."""
+    model = smeared_gpt(pos_emb=pos_emb)
+    idx = torch.randint(0, 50, (2, 5))
+
+    def run(use_cache):
+        return list(model._decode(idx, 48, lambda logits: logits.argmax(-1), use_cache=use_cache))
+
+    for step, ((tok_c, logits_c), (tok_u, logits_u)) in enumerate(zip(run(True), run(False),
+                                                                      strict=True)):
+        assert torch.equal(tok_c, tok_u), f"step {step}"
+        torch.testing.assert_close(logits_c, logits_u, atol=1e-5, rtol=1e-4, msg=f"step {step}")
+
+
+def test_smear_continuing_a_cache_needs_the_token_before():
+    model = smeared_gpt(pos_emb="rope")
+    idx = torch.randint(0, 50, (1, 6))
+    caches = [KVCache(16, rolling=True) for _ in model.blocks]
+    model(idx[:, :5], kv_caches=caches)
+    with pytest.raises(ValueError, match="pass prev_tokens"):
+        model(idx[:, 5:], kv_caches=caches)
+    whole = model(idx)[0][:, -1]
+    torch.testing.assert_close(model(idx[:, 5:], kv_caches=caches, prev_tokens=idx[:, 4])[0][:, -1],
+                               whole, atol=1e-5, rtol=1e-4)

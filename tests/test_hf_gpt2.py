@@ -128,9 +128,10 @@ def test_a_character_model_exports_with_its_tokenizer(checkpoints, tmp_path):
 
 def test_an_architecture_gpt2_cannot_hold_is_not_exported(tmp_path):
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                          pos_emb="rope", qk_norm=True, mlp="relu2"))
+                          pos_emb="rope", qk_norm=True, mlp="relu2", smear=True))
     with pytest.raises(ValueError, match=r"GPT-2's format has no place for pos_emb 'rope', "
-                                         r"mlp 'relu2', qk_norm True: only a model of GPT-2's"):
+                                         r"mlp 'relu2', qk_norm True, smear True: only a model "
+                                         r"of GPT-2's"):
         save_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

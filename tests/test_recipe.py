@@ -261,16 +261,39 @@ def test_a_recipe_run_learns_saves_and_its_checkpoint_loads(text_file, tmp_path)
         assert model(idx[:, :-1], idx[:, 1:])[1].item() < val[0]
 
 
-def test_muon_ns_steps_reaches_the_optimizer_and_zero_is_refused(text_file, tmp_path, capsys):
+def test_muon_ns_steps_embedding_lr_and_smear_reach_the_run_and_zeros_are_refused(
+        text_file, tmp_path, capsys):
     fit(text_file, tmp_path / "a", "--model.optimizer", "muon", "--model.muon_ns_steps", "3",
-        "--trainer.max_steps", "3")
+        "--model.embedding_lr", "0.05", "--model.config.smear", "true", "--trainer.max_steps", "3")
     folder, = run_folders(tmp_path / "a")
     saved = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
-    _, muon = saved["optimizer_states"][0]["optimizers"]  # AdamW's state, then Muon's
+    adamw, muon = saved["optimizer_states"][0]["optimizers"]  # AdamW's state, then Muon's
     assert [g["ns_steps"] for g in muon["param_groups"]] == [3]
-    assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
-                        "--model.muon_ns_steps", "0")) == 1
-    assert "--model.muon_ns_steps 0: give 1 or more" in capsys.readouterr().err
+    tables = [g for g in adamw["param_groups"] if g["name"] == "embeddings"]
+    assert [g["initial_lr"] for g in tables] == [0.05] and len(tables[0]["params"]) == 1  # wte
+    model, _ = load_gpt_checkpoint(folder / "checkpoints" / "last.ckpt")
+    assert model.config.smear and model.smear.abs().sum() > 0  # it trained
+    for option in ("muon_ns_steps", "embedding_lr"):
+        assert cli(tiny_run(text_file, tmp_path / "b", "--model.optimizer", "muon",
+                            f"--model.{option}", "0")) == 1
+    err = capsys.readouterr().err
+    assert "--model.muon_ns_steps 0: give 1 or more" in err
+    assert "--model.embedding_lr 0.0: give a learning rate above 0" in err
+
+
+def test_embedding_lr_gives_the_tables_a_group_of_their_own():
+    model = GPT(small(tie_embeddings=False))
+    hidden = hidden_matrices(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(param_groups(model, 0.1, exclude=hidden)) == 2
+    *rest, tables = param_groups(model, 0.1, exclude=hidden, embedding_lr=0.5)
+    assert sorted(names[id(p)] for p in tables["params"]) == ["wpe.weight", "wte.weight"]
+    assert tables["lr"] == 0.5 and tables["weight_decay"] == 0.0
+    others = {names[id(p)] for group in rest for p in group["params"]}
+    assert "lm_head.weight" in others and not others & {"wpe.weight", "wte.weight"}
+    assert all("lr" not in group for group in rest)  # the optimizer's own lr
+    *_, decayed = param_groups(model, 0.1, decay_embeddings=True, embedding_lr=0.5)
+    assert decayed["weight_decay"] == 0.1
 
 
 def test_time_to_target_is_logged_printed_and_compared(text_file, tmp_path, caplog):

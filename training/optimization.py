@@ -24,6 +24,8 @@ def check_optimization(hp) -> None:
              ("muon_lr", 0 < hp.muon_lr < math.inf, "a learning rate above 0"),
              ("muon_momentum", 0 <= hp.muon_momentum < 1, "a number from 0 to below 1"),
              ("muon_ns_steps", hp.muon_ns_steps >= 1, "1 or more Newton-Schulz iterations"),
+             ("embedding_lr", hp.get("embedding_lr") is None or 0 < hp.embedding_lr < math.inf,
+              "a learning rate above 0, or null for --model.lr"),
              ("val_samples", hp.get("val_samples", 0) >= 0, "0 or more samples"),
              ("val_sample_tokens", hp.get("val_sample_tokens", 1) >= 1, "1 or more tokens"),
              ("beam_size", hp.get("beam_size", 1) >= 1, "1 or more")]
