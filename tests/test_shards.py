@@ -239,8 +239,11 @@ def test_ctrl_c_stops_every_worker_in_one_line_and_a_rerun_resumes(tmp_path):
     write_parquet_corpus(tmp_path / "corpus", files=6, rows=1500, row_group=500)
     cmd = [sys.executable, str(REPO / "scripts" / "prepare_data.py"), str(tmp_path / "corpus"),
            "--tokenizer", "gpt2", "--num-proc", "2", "--cache-dir", str(tmp_path / "cache")]
+    # (a test runner started in the background ignores SIGINT, and its children inherit that:
+    # this one takes Ctrl-C as a terminal's process does)
     run = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                           start_new_session=True)
+                           start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in run.stderr:  # the first finished shard: the workers are busy with the next ones
         lines.append(line)
