@@ -100,7 +100,7 @@ class TrainModule(L.LightningModule):
         betas: AdamW betas.
         optimizer: ``adamw`` for every parameter, or ``muon``: Muon (model/optim.py) for the
             weight matrices inside the blocks, AdamW at ``lr`` for the rest (embeddings, LM head,
-            norms, biases).
+            norms, biases; the embeddings at ``embedding_lr`` where it is set).
         muon_lr: Muon's peak learning rate, on the same warmup and decay as ``lr``.
         muon_momentum: Muon's momentum (Nesterov).
         muon_ns_steps: Muon's Newton-Schulz iterations (PyTorch's default: 5); each costs three

@@ -215,7 +215,7 @@ class GPT(nn.Module):
             #    (self.forward, not self(...): a compiled model would recompile for every length.)
             if caches:
                 first = start + caches[0].seen  # new = seq[:, first:]: (B, 1) after the first step
-                prev = seq[:, first - 1] if caches[0].seen else None  # (smear) the one before
+                prev = seq[:, first - 1] if caches[0].seen else None  # (B,): for smear
                 logits = self.forward(seq[:, first:], kv_caches=caches,
                                       prev_tokens=prev)[0][:, -1]  # (B, vocab_size)
             else:

@@ -167,6 +167,16 @@ def test_smear_starts_as_the_identity_and_mixes_in_only_earlier_tokens():
         assert torch.equal(model(idx)[0][:, :t + 1], model(idx2)[0][:, :t + 1])
 
 
+def test_smear_adds_exactly_each_tokens_predecessor():
+    model = smeared_gpt()
+    x = torch.randn(2, 5, 32)  # (B, T, C) embeddings
+    before = torch.cat([torch.zeros(2, 1, 32), x[:, :-1]], dim=1)  # zeros at the start
+    torch.testing.assert_close(model._smear(x, 0, None), x + model.smear * before)
+    prev = torch.tensor([3, 7])  # a cached run's: the token before x's first
+    before[:, 0] = model.wte(prev)
+    torch.testing.assert_close(model._smear(x, 4, prev), x + model.smear * before)
+
+
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 def test_smeared_cached_generation_equals_uncached(pos_emb):
     """48 steps past block_size 16: learned positions crop and rebuild the cache (the first kept

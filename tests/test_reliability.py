@@ -138,7 +138,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     with pytest.raises(NonFiniteLoss, match=r"the training loss is nan at step \d+; training "
                                             r"stopped before it changed the weights\. Resume "
                                             r"from the last good checkpoint") as e:
-        fit(text_file, tmp_path, "--trainer.val_check_interval", "5")
+        fit(text_file, tmp_path, "--trainer.val_check_interval", "5",
+            "--model.embedding_lr", "0.02")
     last, = tmp_path.glob("mini-gpt/*/checkpoints/last.ckpt")
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 5
@@ -154,9 +155,10 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     groups = [g for state in resumed["optimizer_states"][0]["optimizers"]
               for g in state["param_groups"]]
     assert resumed["global_step"] == 8
-    assert [g["initial_lr"] for g in groups] == [0.0015, 0.0015, 0.01]  # adamw's two groups, muon's
+    # adamw's two groups, the embeddings', muon's
+    assert [g["initial_lr"] for g in groups] == [0.0015, 0.0015, 0.01, 0.01]
     recorded = yaml.safe_load((last.parent.parent / "config-resume-1.yaml").read_text())["model"]
-    assert (recorded["lr"], recorded["muon_lr"]) == (0.0015, 0.01)  # the run records the change
+    assert (recorded["lr"], recorded["muon_lr"], recorded["embedding_lr"]) == (0.0015, 0.01, 0.01)
 
 
 def _bad_input_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[str], str]]:
@@ -265,6 +267,26 @@ def test_resuming_with_other_model_options_is_refused_naming_them(text_file, tmp
                         "--model.config.attn_impl", "naive")) == 0
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["config"]["attn_impl"] == "naive"
+
+
+def test_options_newer_than_a_checkpoint_resume_as_trained_and_embedding_lr_retunes():
+    from training.resume import check_resume_options
+
+    def check(ours, theirs):
+        return check_resume_options("last.ckpt", ours, theirs, "block_size")
+
+    before = {"config": {"n_layer": 1}, "lr": 3e-3}  # a checkpoint from before both options
+    now = {"config": {"n_layer": 1, "smear": False}, "lr": 3e-3, "embedding_lr": None}
+    assert check(now, before) == []
+    with pytest.raises(ValueError, match="model.config.smear is True here but False in the"):
+        check({**now, "config": {"n_layer": 1, "smear": True}}, before)
+    # a rate of its own changes the optimizer's groups: not from or to null, but rate to rate
+    with pytest.raises(ValueError, match="model.embedding_lr is 0.1 here but None in the"):
+        check({**now, "embedding_lr": 0.1}, before)
+    with pytest.raises(ValueError, match="model.embedding_lr is None here but 0.1 in the"):
+        check(now, {**now, "embedding_lr": 0.1})
+    assert check({**now, "embedding_lr": 0.05}, {**now, "embedding_lr": 0.1}) == [
+        "model.embedding_lr 0.1 -> 0.05"]
 
 
 def test_a_checkpoint_of_another_kind_or_vocabulary_is_refused(text_file, tmp_path, capsys,

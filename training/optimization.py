@@ -56,7 +56,9 @@ def lower_lr_advice(hp, trainer, run_info: dict | None) -> str:
     resume = bool(last and os.path.isfile(last) and run_info)
     by = 2 if resume else 10
     lower = (f"--model.lr {hp.lr / by:g} --model.min_lr {hp.min_lr / by:g}"
-             + (f" --model.muon_lr {hp.muon_lr / by:g}" if hp.optimizer == "muon" else ""))
+             + (f" --model.muon_lr {hp.muon_lr / by:g}" if hp.optimizer == "muon" else "")
+             + (f" --model.embedding_lr {hp.embedding_lr / by:g}"
+                if hp.get("embedding_lr") is not None else ""))
     full = "32-true" if str(trainer.precision) not in ("32-true", "32", "64-true", "64") else None
     or_full = f" (or with --trainer.precision {full})" if full else ""
     if not resume:

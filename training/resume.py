@@ -17,7 +17,13 @@ RESUME_MAY_CHANGE = ("config.attn_impl", "compile")
 # (``TrainModule.on_train_start``). Not the optimizer itself, nor which parameters decay: those
 # change the state's layout.
 RESUME_MAY_RETUNE = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "betas",
-                     "muon_lr", "muon_momentum", "muon_ns_steps")
+                     "muon_lr", "muon_momentum", "muon_ns_steps", "embedding_lr")
+# Retunable settings whose null means "no group of its own": from or to null changes the state's
+# layout (the embeddings join or leave the other groups), so that is refused like any other option.
+RETUNE_NOT_FROM_OR_TO_NULL = ("embedding_lr",)
+# Options newer than some checkpoints, and the value a checkpoint without them was trained with: a
+# resume compares them too (set to another value, the model or the optimizer's groups differ).
+ADDED_OPTIONS = {"config.smear": False, "embedding_lr": None}
 # Model config options a warm start sets for itself: how the model computes and is regularised, and
 # its initialisation (overwritten by the source's weights), not the shapes of its weights.
 # block_size too: up to the source's with learned positions (the table is cut to it). The
@@ -61,11 +67,13 @@ def check_resume_options(ckpt_path: str, ours: dict, theirs: dict, seq_len: str)
     (``theirs``): any that differs but ``RESUME_MAY_CHANGE`` and ``RESUME_MAY_RETUNE`` is refused,
     naming each. Returns the retuned ones (``model.lr 0.003 -> 0.0015``). ``seq_len``: the model
     option set through the data option of the same name."""
-    ours, theirs = flat(ours), flat(theirs)
+    ours, theirs = flat(ours), {**ADDED_OPTIONS, **flat(theirs)}
     differ = [(key, value, ours[key]) for key, value in theirs.items()
               if key in ours and key not in RESUME_MAY_CHANGE and key != "config.vocab_size"
               and ours[key] != value]
-    conflicts = [item for item in differ if item[0] not in RESUME_MAY_RETUNE]
+    conflicts = [(key, value, mine) for key, value, mine in differ
+                 if key not in RESUME_MAY_RETUNE
+                 or (key in RETUNE_NOT_FROM_OR_TO_NULL and None in (value, mine))]
     if not conflicts:
         return [f"model.{key} {value} -> {mine}" for key, value, mine in differ]
     option = {f"config.{seq_len}": f"data.{seq_len}"}
