@@ -145,16 +145,18 @@ def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool 
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     excluded = {id(p) for p in exclude}
     params = [p for p in module.parameters() if id(p) not in excluded]  # tied weights appear once
-    own_group = [embedding_lr is not None and id(p) in embeddings for p in params]
-    decays = [p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) for p in params]
-    groups = [{"params": [p for p, d, o in zip(params, decays, own_group, strict=True)
-                          if d and not o], "weight_decay": weight_decay},
-              {"params": [p for p, d, o in zip(params, decays, own_group, strict=True)
-                          if not d and not o], "weight_decay": 0.0}]
-    if embedding_lr is not None:
-        groups.append({"params": [p for p, o in zip(params, own_group, strict=True) if o],
-                       "weight_decay": weight_decay if decay_embeddings else 0.0,
-                       "lr": embedding_lr})
+    table_lr = embedding_lr is not None
+
+    def group(p: nn.Parameter) -> int:  # 0: decayed, 1: not decayed, 2: the tables at their rate
+        if table_lr and id(p) in embeddings:
+            return 2
+        return 0 if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) else 1
+
+    groups = [{"params": [p for p in params if group(p) == 0], "weight_decay": weight_decay},
+              {"params": [p for p in params if group(p) == 1], "weight_decay": 0.0}]
+    if table_lr:
+        groups.append({"params": [p for p in params if group(p) == 2], "lr": embedding_lr,
+                       "weight_decay": weight_decay if decay_embeddings else 0.0})
     return groups
 
 
