@@ -298,6 +298,20 @@ def test_a_warm_start_from_a_checkpoint_is_a_new_run_and_ckpt_path_still_resumes
         assert torch.equal(resumed["weights"][key.removeprefix("model.")], value), key
 
 
+def test_a_warm_start_from_a_source_older_than_smear_takes_it_as_off():
+    from dataclasses import asdict
+
+    from training.resume import take_architecture
+
+    defaults = asdict(GPTConfig())
+    older = {key: value for key, value in defaults.items() if key != "smear"}  # no such field
+    with pytest.raises(ValueError, match="model.config.smear is True here but False there"):
+        take_architecture(dict(defaults, smear=True), older, defaults, "old.ckpt")
+    ours = dict(defaults)
+    take_architecture(ours, older, defaults, "old.ckpt")
+    assert ours["smear"] is False
+
+
 def test_warm_start_mistakes_get_one_clear_message(checkpoints, gpt2_folder, text_file, tmp_path):
     from train import main
 

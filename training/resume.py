@@ -92,7 +92,9 @@ def take_architecture(ours, theirs: dict, defaults: dict, source: str) -> str:
     ``source`` (``theirs``): each option left at its default (``defaults``) gets the source's
     value, and one set to another value is refused. Returns a line saying what was taken."""
     conflicts = []
-    for key, value in theirs.items():
+    older = {key.removeprefix("config."): value for key, value in ADDED_OPTIONS.items()
+             if key.startswith("config.")}  # what a source from before them was built with
+    for key, value in {**older, **theirs}.items():
         if key in WARM_START_MAY_CHANGE or ours[key] == value:
             continue
         if ours[key] == defaults[key]:
