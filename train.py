@@ -46,7 +46,8 @@ from model.checkpoint import MODELS
 from model.device import device_info
 from model.optim import build_optimizer
 from training.callbacks import EMA  # noqa: F401 (run configs written before training/ name it)
-from training.cli import CLI, ModelKind, build_cli
+from training.cli import CLI, build_cli
+from training.command import ModelKind
 from training.evaluation import final_bleu, log_samples, log_val_bleu
 from training.global_batch import rescale_batches_done
 from training.optimization import check_optimization, lower_lr_advice, take_settings

@@ -41,7 +41,7 @@ import torch
 import train
 from model.device import device_info, peak_flops
 from scripts._common import add_device_argument, pick_device
-from training.cli import model_kind
+from training.command import model_kind
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ["auto:auto", "naive:32-true", "sdpa:32-true", "flash:32-true",

@@ -47,9 +47,10 @@ def script_cases(ckpts: dict[str, Path], out: Path) -> dict[str, list[str]]:
         "ablate": ["recipe", "--variants", "recipe", "--out", str(out / "ablation"),
                    "--plot", str(out / "ablation.png"), "--", "--data.source", str(ckpts["text"]),
                    "--data.cache_dir", str(out / "cache"), *GPT_RUN],
-        "bench_attention": ["--paths", "naive", "sdpa", "--seq-lens", "16", "--windows", "none",
-                            "8", "--repeats", "1",
-                            "--threads", "1", "--plot", str(out / "attention.png")],
+        # one path, windowed: a process of its own measures each run's memory (test_attention.py
+        # runs the reference and the tiled path unwindowed, with the plot and the JSON)
+        "bench_attention": ["--paths", "sdpa", "--seq-lens", "16", "--windows", "8", "--repeats",
+                            "1", "--threads", "1", "--plot", str(out / "attention.png")],
         "bench_optim": ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch", "2",
                         "--block", "8", "--repeats", "1", "--threads", "1", "--device", "cpu"],
         "bench_generate": ["--ckpt", str(ckpts["gpt"]), "--contexts", "1", "8", "--new-tokens", "4",
@@ -174,7 +175,7 @@ def test_bench_optim_times_the_compiled_pass_beside_the_eager_one(capsys, monkey
     from scripts import bench_optim
 
     # Dynamo's eager backend: the script's compile row without inductor's ~20 s of building
-    # kernels (that a compiled model trains through inductor, test_training.py proves)
+    # kernels (test_training.py trains a compiled model, through inductor on a GPU)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     bench_optim.main(["--seq2seq", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--vocab",
                       "40", "--batch", "2", "--block", "6", "--repeats", "1", "--threads", "1",

@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+from argparse import ArgumentError
+from functools import partial
 from types import SimpleNamespace
 
 import lightning as L
@@ -15,6 +17,7 @@ from data.lm import LMDataModule
 from model import GPTConfig
 from model.optim import param_groups
 from train import GPTLightningModule, main, warmup_cosine
+from training.command import subcommands
 
 
 def test_warmup_then_cosine_schedule():
@@ -157,7 +160,11 @@ def test_flops_per_token_match_torch_flop_counter():
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_and_saves_plain_checkpoints(text_file, cache_dir, tmp_path):
+def test_compiled_model_trains_and_saves_plain_checkpoints(text_file, cache_dir, tmp_path,
+                                                            monkeypatch):
+    if not torch.cuda.is_available():  # dynamo and AOTAutograd trace the model as they do for
+        # inductor, which would then spend half a minute building C++ kernels on a CPU
+        monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
     dm, module = tiny_setup(text_file, cache_dir, compile=True)
     # training steps only: each mode (validation, no_grad, another shape) would compile again
     trainer = tiny_trainer(tmp_path, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0)
@@ -237,6 +244,22 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
     assert {"train/loss", "val/loss", "lr-CombinedOptimizer/muon", "train/device/items_per_sec"} <= set(metrics)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 20 and ckpt["tokenizer"]["name"] == "char"
+
+
+def test_a_command_builds_the_parser_of_its_subcommand_and_help_lists_them_all(capsys):
+    """Each subcommand's parser takes a good part of a second to build: `train.py fit ...` builds
+    fit's alone; without a subcommand first, every one is built, to list or to refuse."""
+    config = ["--config", str(REPO / "configs" / "shakespeare_char_cpu.yaml")]
+    with pytest.raises(SystemExit):
+        main(["validate", *config, "--trainer.max_steps", "7", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == 7
+    assert list(subcommands(["fit", *config])) == ["fit"]
+    assert list(subcommands([*config, "fit"])) == ["fit", "validate", "test", "predict"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "{fit,validate,test,predict}" in capsys.readouterr().out
+    with pytest.raises(ArgumentError, match="invalid choice: 'fitt'"):
+        main(["fitt", *config])
 
 
 def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path):

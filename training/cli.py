@@ -2,8 +2,8 @@
 loggers, checkpoints, the learning-rate and throughput monitors, its clock), ``auto`` precision and
 attention path resolved for the device, resuming a run from its checkpoint and warm starts.
 
-Reading order: the Trainer with ``auto`` precision; a model kind; the CLI (options, ``auto``, the
-checks of a resume or warm start, the run's Trainer, running and finishing); building it.
+Reading order: the Trainer with ``auto`` precision; the CLI (options, ``auto``, the checks of a
+resume or warm start, the run's Trainer, running and finishing); building it.
 """
 
 import contextlib
@@ -12,12 +12,11 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import yaml
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
@@ -43,6 +42,7 @@ from model.device import (
 from . import resume
 from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
+from .command import ModelKind, model_kind, subcommands
 from .console import ModelSummary, quiet_libraries
 from .errors import Stopped, UsageError
 from .global_batch import apply_tokens_per_step, planned_steps
@@ -70,49 +70,6 @@ class Trainer(L.Trainer):
         super().__init__(*args, precision=precision, **kwargs)
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """What a model kind trains with: its LightningModule (with a ``kind`` name, a key of
-    ``model.checkpoint.MODELS``, and a ``shape`` for run names) and data module, and what ``auto``
-    attention needs to know: the data option that is also the model's longest sequence (linked to
-    the model option of the same name), and whether the model masks padded keys."""
-
-    module: type[L.LightningModule]
-    data: type[L.LightningDataModule]
-    seq_len_option: str
-    masks_padded_keys: bool
-
-    @property
-    def name(self) -> str:  # the module's kind: "gpt" or "seq2seq"
-        return self.module.kind
-
-
-def model_kind(args: list[str], kinds: dict[str, ModelKind]) -> str:
-    """The ``kind`` the command line asks for, read before the CLI is built (the kind picks its
-    classes): ``--kind K``, else the last ``--config`` file that sets one, else ``gpt``."""
-    kind = "gpt"
-    for i, arg in enumerate(args):
-        flag, equals, value = arg.partition("=")
-        if not equals:  # "--config FILE" rather than "--config=FILE"
-            value = args[i + 1] if i + 1 < len(args) else ""
-        if flag == "--config" and Path(value).is_file():
-            with open(value) as f:
-                try:
-                    config = yaml.safe_load(f)
-                except yaml.YAMLError as e:
-                    mark = getattr(e, "problem_mark", None)
-                    where = f", line {mark.line + 1}" if mark else ""
-                    problem = getattr(e, "problem", None) or str(e)
-                    raise UsageError(f"--config {value}{where}: not valid YAML ({problem})") \
-                        from None
-            kind = config.get("kind", kind) if isinstance(config, dict) else kind
-        elif flag == "--kind" and value:
-            kind = value
-    if kind not in kinds:
-        raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(kinds)}")
-    return kind
-
-
 def _as_list(value) -> list:
     """A Trainer option that takes one object or a list of them (None, or a bool, is none)."""
     if value is None or isinstance(value, bool):
@@ -133,15 +90,21 @@ class CLI(LightningCLI):
             worker processes in $MINIGPT_RUN_ID (they start from the command line again).
         command_started: when the command started, in ``time.time()`` seconds, for the command
             clock of ``RunState`` (default: now).
+        subcommands: the subcommands to build parsers for (``training.command.subcommands``;
+            default: all of Lightning's).
     """
 
     def __init__(self, model_kind: ModelKind, *, kind_names: tuple[str, ...] = ("gpt",),
                  launcher_run_id: str | None = None, command_started: float | None = None,
-                 **kwargs):
+                 subcommands: dict[str, set[str]] | None = None, **kwargs):
         self.model_kind, self.kind_names = model_kind, kind_names
         self.launcher_run_id = launcher_run_id
         self.command_started = time.time() if command_started is None else command_started
+        self._subcommands = LightningCLI.subcommands() if subcommands is None else subcommands
         super().__init__(model_kind.module, model_kind.data, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # (Lightning's is static: every subcommand)
+        return self._subcommands
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--kind", choices=list(self.kind_names), default="gpt",
@@ -393,7 +356,9 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
     """The CLI for ``args`` (default: the command line), of the kind they ask for. ``run=False``
     builds the model, data module and Trainer without training (``args`` then has no ``fit``).
     ``command_started``: when the command started (``time.time()``; default now)."""
-    kind = kinds[model_kind(sys.argv[1:] if args is None else args, kinds)]
+    args_given = sys.argv[1:] if args is None else args
+    kind = kinds[model_kind(args_given, kinds)]
+    chosen = subcommands(args_given)  # the one the command runs, where it names it
     quiet_libraries()  # the project's lines and Lightning's progress, not library noise
     keep_freed_memory()  # big CPU tensors reused, not paged in at every step (training/memory.py)
     # parse errors raise, for one line (training/errors.py), rather than print the usage and exit,
@@ -402,8 +367,9 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
     no_exit = {"exit_on_error": False, "allow_abbrev": False}  # (a typo is no option of ours)
     usage = ("%(prog)s [--config FILE] [--model.* ...] [--data.* ...] [--run.* ...] "
              "[--checkpoint.* ...] [--trainer.* ...] [--ckpt_path CKPT]")
-    parser_kwargs = {**no_exit, **{name: {**no_exit, "usage": usage} for name in CLI.subcommands()}}
-    return CLI(kind, kind_names=tuple(kinds), trainer_class=Trainer, seed_everything_default=1337,
+    parser_kwargs = {**no_exit, **{name: {**no_exit, "usage": usage} for name in chosen}}
+    return CLI(kind, kind_names=tuple(kinds), subcommands=chosen, trainer_class=Trainer,
+               seed_everything_default=1337,
                run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
                parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
                save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False},
