@@ -57,9 +57,9 @@ def model_kind(args: list[str], kinds: dict[str, ModelKind]) -> str:
 
 def subcommands(args: list[str]) -> dict[str, set[str]]:
     """The subcommands to build parsers for, as ``LightningCLI.subcommands`` gives them (name:
-    the Trainer method's arguments the CLI fills itself): the one the command names first
-    (``train.py fit ...``), else all of them, so that ``train.py --help`` lists them and a
-    mistyped one is refused with the choices."""
+    the Trainer method's arguments the CLI fills itself): the subcommand when it is the first
+    argument (``train.py fit ...``), else all of them: ``train.py --help`` lists them, a mistyped
+    one is refused with the choices, and top-level options before it (``-c FILE fit``) work."""
     every = LightningCLI.subcommands()
     if args and args[0] in every:
         return {args[0]: every[args[0]]}
