@@ -1,5 +1,6 @@
 """The Lightning training path: schedule, optimizer groups, loss falling, checkpoints, the CLI."""
 
+import re
 import subprocess
 import sys
 from argparse import ArgumentError
@@ -10,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_run
+from conftest import REPO, fit, run_folders, tiny_run
 from lightning.pytorch.callbacks import Timer
 
 from data.lm import LMDataModule
@@ -244,6 +245,26 @@ def test_cli_trains_a_tiny_config_end_to_end(text_file, cache_dir, tmp_path):
     assert {"train/loss", "val/loss", "lr-CombinedOptimizer/muon", "train/device/items_per_sec"} <= set(metrics)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 20 and ckpt["tokenizer"]["name"] == "char"
+
+
+def test_the_progress_bar_counts_optimizer_steps_with_accumulation_and_on_a_resume(
+        text_file, tmp_path, capsys):
+    """2 batches a step: the bar goes to max_steps in steps, not past it in batches; resumed, it
+    starts at the steps done."""
+    bar = ("--trainer.enable_progress_bar", "true", "--trainer.accumulate_grad_batches", "2")
+    fit(text_file, tmp_path, *bar, "--trainer.max_steps", "10", "--trainer.val_check_interval",
+        "10")
+    first = capsys.readouterr()
+    last = run_folders(tmp_path)[0] / "checkpoints" / "last.ckpt"
+    fit(text_file, tmp_path, *bar, "--trainer.max_steps", "15", "--trainer.val_check_interval",
+        "10", "--ckpt_path", str(last))
+    resumed = capsys.readouterr()
+    for out, done, total in ((first, 0, 10), (resumed, 10, 15)):
+        bars = re.findall(r"(?:Epoch 0|Training):[^\r\n]*", out.out + out.err)  # not validation's
+        bars = [b for b in bars if "| 0/? " not in b]  # drawn as it is made, before it has a total
+        counts = [re.search(r"\| *(\d+)/(\S+) ", b).groups() for b in bars]  # (n, total)
+        assert counts and {t for _, t in counts} == {str(total)}, counts  # never past it, to "n/?"
+        assert int(counts[0][0]) == done and int(counts[-1][0]) == total, counts
 
 
 def test_a_command_builds_the_parser_of_its_subcommand_and_help_lists_them_all(capsys):

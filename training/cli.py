@@ -19,7 +19,7 @@ from typing import Literal
 import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
@@ -43,7 +43,7 @@ from . import resume
 from .callbacks import TargetLoss, Throughput
 from .checkpointing import AtomicCheckpointIO, Checkpoint
 from .command import ModelKind, model_kind, subcommands
-from .console import ModelSummary, quiet_libraries
+from .console import ModelSummary, StepProgressBar, quiet_libraries
 from .errors import Stopped, UsageError
 from .global_batch import apply_tokens_per_step, planned_steps
 from .memory import keep_freed_memory
@@ -264,7 +264,7 @@ class CLI(LightningCLI):
         if config.trainer.get("enable_progress_bar") is not False and \
                 not any(isinstance(callback, ProgressBar) for callback in callbacks):
             # the bar redraws when the loggers write, not at every step (a redraw costs ~1 ms)
-            callbacks.append(TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
+            callbacks.append(StepProgressBar(refresh_rate=config.trainer.log_every_n_steps or 1))
         try:
             trainer = super().instantiate_trainer(**{**kwargs, "logger": loggers,
                                                      "plugins": plugins, "callbacks": callbacks})

@@ -5,6 +5,7 @@ import logging
 import warnings
 
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
@@ -48,3 +49,42 @@ class ModelSummary(LightningModelSummary):
         table = _format_summary_table(total_parameters, trainable_parameters, model_size,
                                       total_training_modes, total_flops, *columns)
         rank_zero_info("\n" + table.rpartition("\n")[0])  # the table, less its total FLOPs
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting a run of ``max_steps`` in optimizer steps. Lightning's
+    counts batches against the optimizer steps left: with accumulated batches it is full a
+    fraction of the way through and counts on without a total, and a resumed run starts it at
+    the batches already done against the steps left."""
+
+    def _counts_steps(self, trainer) -> bool:  # when Lightning's total is the steps left
+        return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        return trainer.max_steps if self._counts_steps(trainer) else super().total_train_batches
+
+    def _start_at_steps_done(self, trainer) -> None:
+        if self._counts_steps(trainer):
+            self.train_progress_bar.total = trainer.max_steps
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.refresh()
+
+    def on_train_start(self, trainer, *args):  # (a run resumed mid-epoch starts no epoch)
+        super().on_train_start(trainer, *args)
+        self._start_at_steps_done(trainer)
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self._start_at_steps_done(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self._counts_steps(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step  # steps done, this one's too
+        # redrawn every refresh_rate steps and at the end (at each batch of such a step: a redraw
+        # costs ~1 ms)
+        if bar is not None and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # (redraws)
