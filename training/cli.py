@@ -369,8 +369,7 @@ def build_cli(kinds: dict[str, ModelKind], args: list[str] | None = None, run: b
              "[--checkpoint.* ...] [--trainer.* ...] [--ckpt_path CKPT]")
     parser_kwargs = {**no_exit, **{name: {**no_exit, "usage": usage} for name in chosen}}
     return CLI(kind, kind_names=tuple(kinds), subcommands=chosen, trainer_class=Trainer,
-               seed_everything_default=1337,
-               run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
+               seed_everything_default=1337, run=run, trainer_defaults=TRAINER_DEFAULTS, args=args,
                parser_kwargs=parser_kwargs, auto_configure_optimizers=False,
                save_config_callback=SaveRunConfig, save_config_kwargs={"save_to_log_dir": False},
                launcher_run_id=os.environ.pop("MINIGPT_RUN_ID", None),
