@@ -71,7 +71,7 @@ def tiny_run(text_file: Path, save_dir: Path, *extra: str) -> list[str]:
 # tiny_run's options that make its model one of GPT-2's architecture (with n_layer 2: the shape of
 # the checkpoints fixture's GPT)
 GPT2_SHAPED = ("--model.config.pos_emb", "learned", "--model.config.qk_norm", "false",
-               "--model.config.mlp", "gelu_tanh")
+               "--model.config.mlp", "gelu_tanh", "--model.config.smear", "false")
 
 
 def run_folders(save_dir: Path) -> list[Path]:

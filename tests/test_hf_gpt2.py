@@ -326,6 +326,7 @@ def test_warm_start_mistakes_get_one_clear_message(checkpoints, gpt2_folder, tex
         fit(other, tmp_path, "--data.block_size", "32", *GPT2_SHAPED, "--model.config.n_layer",
             "2", "--model.init_from", str(checkpoints["gpt"]))
     with pytest.raises(ValueError, match=r"keeps the architecture of the model it starts from: "
+                                         r"model.config.smear is True here but False there; "
                                          r"model.config.n_layer is 1 here but 2 there; "
                                          r"model.config.pos_emb is 'rope' here but 'learned'"):
         fit(checkpoints["text"], tmp_path, "--data.block_size", "32", "--model.init_from",
