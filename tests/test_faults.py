@@ -17,6 +17,7 @@ from conftest import REPO, fit, run_folders, tiny_run
 
 from train import cli
 from training.checkpointing import AtomicCheckpointIO
+from training.errors import Stopped
 from training.runs import RunCSVLogger, RunFolderLock
 
 FLAT = ("--model.lr", "1e-9", "--model.min_lr", "0", "--model.muon_lr", "1e-9")  # a flat loss
@@ -289,6 +290,22 @@ def test_ctrl_c_while_a_run_starts_ends_in_one_line_with_status_130(text_file, t
         assert line.startswith(f"stopped by SIGINT after {steps(saved[0])} steps and saved")
     else:
         assert line.startswith("stopped by") and not list(tmp_path.glob("mini-gpt/*"))
+
+
+def test_a_signal_just_after_the_run_folder_is_made_leaves_no_folder(text_file, tmp_path,
+                                                                     monkeypatch):
+    """The moment the test below may hit by chance, every time: the folder made, the lock taken,
+    then SIGTERM (Stopped, as errors.py's handler raises it)."""
+    claim = RunFolderLock.claim
+
+    def claim_then_signal(self, new):
+        claim(self, new)
+        raise Stopped("stopped by SIGTERM", signal.SIGTERM)
+
+    monkeypatch.setattr(RunFolderLock, "claim", claim_then_signal)
+    with pytest.raises(Stopped):
+        fit(text_file, tmp_path)
+    assert not list(tmp_path.glob("mini-gpt/*"))
 
 
 def test_sigterm_while_a_run_sets_up_ends_in_one_line_with_status_143(text_file, tmp_path):

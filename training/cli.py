@@ -287,12 +287,12 @@ class CLI(LightningCLI):
         # The worker processes of a multi-process run start from the command line again and take
         # this run's id from the environment (build_cli): set for as long as the run lasts only,
         # so that a later CLI in this process (or one built without running) starts its own run.
-        if not self.launcher_run_id and self.trainer.is_global_zero:  # one writer per run
-            note = self.lock.claim(new=not self.resumed)
-            if note:
-                rank_zero_info(note)
         os.environ["MINIGPT_RUN_ID"] = self.model.run_info["id"]
-        try:
+        try:  # (the claim too: a signal may come as soon as the folder is made)
+            if not self.launcher_run_id and self.trainer.is_global_zero:  # one writer per run
+                note = self.lock.claim(new=not self.resumed)
+                if note:
+                    rank_zero_info(note)
             source = self.model.hparams.get("init_from")
             if source and not self.config_init[subcommand].ckpt_path:
                 # a warm start: the source's weights before anything is trained (the optimizer is
@@ -304,8 +304,7 @@ class CLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException as e:  # interrupted, or failed: close the wandb run as failed
             # a failed start leaves no folder (and no line on how to upload its wandb run)
-            remove = (not self.resumed and self.trainer.global_step == 0
-                      and self.trainer.is_global_zero)
+            remove = self.lock.made and self.trainer.global_step == 0
             with contextlib.suppress(Exception):  # (a full disk, say: the first error is the one
                 self.finish_run(exit_code=1, announce=not remove)  # to report); a resume reopens
             if remove:  # the wandb run

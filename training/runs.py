@@ -87,12 +87,13 @@ class RunFolderLock:
     lock left by a killed process is taken over (with a note) rather than blocking the resume.
 
     ``claim`` makes the folder of a new run (it must not exist: two new runs with one ``--run.id``
-    cannot share it) or locks that of a resumed one; ``release`` unlocks it."""
+    cannot share it) or locks that of a resumed one; ``release`` unlocks it. ``made``: whether
+    this process made the folder (a start that fails may remove it then, and only then)."""
 
     NAME = ".lock"
 
     def __init__(self, folder: Path):
-        self.folder, self._fd = folder, None
+        self.folder, self._fd, self.made = folder, None, False
 
     def check(self, new: bool) -> None:
         """The messages of ``claim``, without claiming: a check before the run is set up."""
@@ -131,6 +132,7 @@ class RunFolderLock:
             except FileExistsError:
                 self.check(new)  # says why
                 raise
+            self.made = True
         while True:  # until the file we lock is the one in the folder (see release)
             path = self.folder / self.NAME
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
