@@ -60,11 +60,6 @@ class StepProgressBar(TQDMProgressBar):
     def _counts_steps(self, trainer) -> bool:  # when Lightning's total is the steps left
         return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
 
-    @property
-    def total_train_batches(self) -> int | float:
-        trainer = self.trainer
-        return trainer.max_steps if self._counts_steps(trainer) else super().total_train_batches
-
     def _start_at_steps_done(self, trainer) -> None:
         if self._counts_steps(trainer):
             self.train_progress_bar.total = trainer.max_steps
