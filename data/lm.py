@@ -4,7 +4,9 @@ Training batches are random windows of ``block_size + 1`` tokens (x = window[:-1
 y = window[1:]), drawn endlessly, as nanoGPT does; each batch from a random
 generator seeded by its optimizer step and its place in the step, so that the
 windows of a step are the same on any number of processes (DDP ranks, loader
-workers) and a resumed run goes on where the stream stopped. Validation
+workers) and a resumed run goes on where the stream stopped. A short-context warmup
+(``short_block_size``, ``short_steps``) trains the first steps on shorter windows, more of
+them a batch: the same tokens a step, at less attention cost. Validation
 batches are the split cut into consecutive windows, in a fixed shuffled order, so every
 evaluation sees the same batches and ``limit_val_batches`` takes a spread-out
 sample of the split rather than its beginning.
@@ -45,13 +47,26 @@ class RandomWindows(IterableDataset):
     So an optimizer step trains on the same windows however its batches are spread: N processes
     accumulating A batches see what one process accumulating N x A batches sees, and a resumed run
     (``start``: the batches this process has trained on) goes on with the batches an uninterrupted
-    one would have had, with any number of loader workers."""
+    one would have had, with any number of loader workers.
+
+    ``short_steps`` > 0: the batches of the first ``short_steps`` optimizer steps are windows of
+    ``short_block_size`` tokens, ``block_size / short_block_size`` times as many (the same tokens
+    a batch); ``LMDataModule`` checks that it divides ``block_size``."""
 
     def __init__(self, corpus: TokenizedCorpus, split: str, block_size: int, batch_size: int,
-                 seed: int, rank: int = 0, accumulate: int = 1, start: int = 0):
+                 seed: int, rank: int = 0, accumulate: int = 1, start: int = 0,
+                 short_block_size: int | None = None, short_steps: int = 0):
         self.corpus, self.split = corpus, split
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.accumulate, self.start = rank, accumulate, start
+        self.short_block_size, self.short_steps = short_block_size, short_steps
+
+    def batch_shape(self, batch: int) -> tuple[int, int]:
+        """(windows, tokens a window) of this process's batch number ``batch``."""
+        if batch // self.accumulate < self.short_steps:  # the short-context warmup's steps
+            short = self.short_block_size
+            return self.batch_size * (self.block_size // short), short
+        return self.batch_size, self.block_size
 
     def batch_seed(self, batch: int) -> list[int]:
         """The seed of this process's batch number ``batch`` (counted from the run's start)."""
@@ -63,12 +78,12 @@ class RandomWindows(IterableDataset):
         worker = get_worker_info()
         # the loader takes batch k from worker k % W: worker w gives batches start + w, + W, ...
         first, every = (self.start + worker.id, worker.num_workers) if worker else (self.start, 1)
-        high, span = len(tokens) - self.block_size, np.arange(self.block_size + 1)
         for batch in itertools.count(first, every):
             rng = np.random.default_rng(self.batch_seed(batch))
-            # a window may start anywhere its block_size + 1 tokens fit: (B, block_size + 1)
-            starts = rng.integers(0, high, size=self.batch_size)
-            yield _windows_to_xy(tokens[starts[:, None] + span])
+            B, T = self.batch_shape(batch)
+            # a window may start anywhere its T + 1 tokens fit: (B, T + 1)
+            starts = rng.integers(0, len(tokens) - T, size=B)
+            yield _windows_to_xy(tokens[starts[:, None] + np.arange(T + 1)])
 
 
 class FixedWindows(Dataset):
@@ -95,6 +110,23 @@ class FixedWindows(Dataset):
         return _windows_to_xy(tokens[starts[:, None] + np.arange(self.block_size + 1)])
 
 
+def check_short_context(block_size: int, short_block_size: int | None, short_steps: int) -> None:
+    """A short-context warmup needs both its options, and windows that divide ``block_size``
+    (a batch then holds exactly the tokens of a full-length one). Raises ValueError with the fix."""
+    if short_steps < 0:
+        raise ValueError(f"--data.short_steps must be 0 or more, got {short_steps}")
+    if (short_block_size is None) != (short_steps == 0):
+        raise ValueError("a short-context warmup needs both --data.short_block_size (its window) "
+                         "and --data.short_steps (how many steps); set both, or neither")
+    if short_block_size is not None and not (1 <= short_block_size < block_size
+                                             and block_size % short_block_size == 0):
+        divisors = [d for d in range(1, block_size) if block_size % d == 0][-4:]
+        examples = f": e.g. {', '.join(map(str, divisors))}" if divisors else ""
+        raise ValueError(f"--data.short_block_size {short_block_size} must be shorter than "
+                         f"block_size ({block_size}) and divide it, so that a batch holds the "
+                         f"same tokens{examples}")
+
+
 class LMDataModule(L.LightningDataModule):
     """Language-modelling data from a local file/glob/folder or a hub dataset id.
 
@@ -103,6 +135,13 @@ class LMDataModule(L.LightningDataModule):
         tokenizer: ``"char"`` or ``"gpt2"``.
         block_size: tokens per training example (the model's context length).
         batch_size: examples per batch (per process).
+        short_block_size: a short-context warmup: the first ``short_steps`` optimizer steps train
+            on windows of this many tokens (a divisor of ``block_size``), ``block_size /
+            short_block_size`` times as many a batch, so a step sees as many tokens. Early steps
+            learn what nearby characters or words predict, which short windows teach as well as
+            long ones, and attention's cost per token grows with the window. Validation always
+            reads windows of ``block_size``. None: ``block_size`` from the first step.
+        short_steps: optimizer steps of the short-context warmup.
         text_column: column holding the text in JSONL/parquet/hub data.
         val_fraction: share of the tokens held out for validation when the source has no val split.
         cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or
@@ -117,8 +156,9 @@ class LMDataModule(L.LightningDataModule):
     """
 
     def __init__(self, source: str = "tiny_shakespeare", tokenizer: str = "char",
-                 block_size: int = 256, batch_size: int = 64, text_column: str = "text",
-                 val_fraction: float = 0.1,
+                 block_size: int = 256, batch_size: int = 64,
+                 short_block_size: int | None = None, short_steps: int = 0,
+                 text_column: str = "text", val_fraction: float = 0.1,
                  cache_dir: str | None = None, num_proc: int | None = None, num_workers: int = 0,
                  seed: int = 1337, subset: str | None = None):
         super().__init__()
@@ -126,6 +166,7 @@ class LMDataModule(L.LightningDataModule):
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and "
                              f"{batch_size}")
+        check_short_context(block_size, short_block_size, short_steps)
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config
 
     @cached_property
@@ -172,7 +213,8 @@ class LMDataModule(L.LightningDataModule):
             rank, accumulate = self.trainer.global_rank, self.trainer.accumulate_grad_batches
             done = batches_trained(self.trainer)
         return self._loader(RandomWindows(self.corpus, "train", hp.block_size, hp.batch_size,
-                                          hp.seed, rank, accumulate, done))
+                                          hp.seed, rank, accumulate, done,
+                                          hp.short_block_size, hp.short_steps))
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -171,6 +171,44 @@ def test_training_stream_is_seeded_per_rank(text_file, cache_dir):
     assert not torch.equal(first_batch(1, 0), first_batch(2, 0))
 
 
+def test_short_context_warmup_trains_its_steps_on_shorter_windows_of_the_same_tokens(
+        text_file, cache_dir):
+    from data.lm import RandomWindows
+
+    dm = make_datamodule(text_file, cache_dir, short_block_size=4, short_steps=2)
+    text = dm.tokenizer.decode(dm.corpus.tokens("train").tolist())
+
+    def stream(accumulate, start=0, count=6):
+        windows = iter(RandomWindows(dm.corpus, "train", 16, 4, 1337, 0, accumulate, start, 4, 2))
+        return [next(windows) for _ in range(count)]
+
+    batches = stream(accumulate=2)  # steps 0 and 1 are batches 0-3
+    assert [x.shape for x, _ in batches] == [(16, 4)] * 4 + [(4, 16)] * 2
+    for x, y in batches:
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x, y, strict=True):
+            assert dm.tokenizer.decode(row_x.tolist() + row_y[-1:].tolist()) in text
+    # a run resumed inside the warmup goes on with the same batches, and ends it at the same step
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(stream(2, start=3, count=3), batches[3:],
+                                                         strict=True))
+    # the data module's loader is that stream; validation keeps block_size windows
+    assert next(iter(dm.train_dataloader()))[0].shape == (16, 4)
+    assert {x.shape[1] for x, _ in dm.val_dataloader()} == {16}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"short_block_size": 4}, "needs both --data.short_block_size .* and --data.short_steps"),
+    ({"short_steps": 10}, "needs both --data.short_block_size .* and --data.short_steps"),
+    ({"short_block_size": 5, "short_steps": 10},
+     r"short_block_size 5 must be shorter than block_size \(16\) and divide it, .*e.g. 1, 2, 4, 8"),
+    ({"short_block_size": 16, "short_steps": 10}, "short_block_size 16 must be shorter"),
+    ({"short_block_size": 4, "short_steps": -1}, "short_steps must be 0 or more, got -1"),
+])
+def test_short_context_warmup_options_are_checked(text_file, cache_dir, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_datamodule(text_file, cache_dir, **options)
+
+
 def test_validation_batches_are_fixed_and_cover_the_split(text_file, cache_dir):
     dm = make_datamodule(text_file, cache_dir)
     first = [x for x, _ in dm.val_dataloader()]

@@ -1,5 +1,6 @@
 """The Lightning training path: schedule, optimizer groups, loss falling, checkpoints, the CLI."""
 
+import csv
 import re
 import subprocess
 import sys
@@ -178,6 +179,22 @@ def test_compiled_model_trains_and_saves_plain_checkpoints(text_file, cache_dir,
     x, y = next(iter(dm.train_dataloader()))  # the shape and mode the compiled model trained in
     torch.testing.assert_close(eager.model.train()(x, y)[0], module.model(x, y)[0], atol=1e-5,
                                rtol=1e-4)
+
+
+def test_a_short_context_warmup_trains_through_lightning(text_file, tmp_path):
+    """Windows of 4 tokens for 10 of 20 steps, then the full 16: the model, its FLOP count and
+    the validation take the change of shape in their stride."""
+    fit(text_file, tmp_path, "--data.short_block_size", "4", "--data.short_steps", "10")
+    run, = run_folders(tmp_path)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
+    assert sorted(val) == [9, 19] and val[19] < val[9]
+    tokens_per_s = [float(r["train/device/items_per_sec"]) for r in rows
+                    if r.get("train/device/items_per_sec")]
+    assert tokens_per_s and all(t > 0 for t in tokens_per_s)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert (saved["short_block_size"], saved["short_steps"], saved["block_size"]) == (4, 10, 16)
 
 
 def test_checkpoint_alone_rebuilds_model_and_tokenizer(text_file, cache_dir, tmp_path):
