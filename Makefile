@@ -9,6 +9,7 @@
 #
 #   make train                                  # the CPU recipe on Tiny Shakespeare (offline)
 #   make speedrun                               # the CPU speedrun to 1.88 (docs/speedrun.md)
+#   make speedrun SPEEDRUN=configs/speedrun_char_cpu_155.yaml    # ... to 1.55
 #   make train DATA=path/to/input.txt           # ... on your own text (a file, folder, glob or hub id)
 #   make train CONFIG=configs/shakespeare_char.yaml ARGS="--trainer.max_steps 500"
 #   make test                                   # the test suite (pytest)
