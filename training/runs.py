@@ -229,8 +229,9 @@ class _StepRowsWriter(ExperimentWriter):
                    for key, value in metrics_dict.items())
 
     def save(self):
-        # the whole file each time (at each checkpoint, and every 100 log calls): ~10k rows, a
-        # long run's at one row per 10 steps, take milliseconds
+        # the whole file each time (Lightning saves its loggers after every log call, and a
+        # checkpoint saves it too): ~10k rows, a long run's at one row per 10 steps, take
+        # milliseconds
         keys = ["step", *sorted({key for row in self.rows.values() for key in row} - {"step"})]
         with replacing(Path(self.metrics_file_path), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
