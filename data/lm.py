@@ -32,9 +32,9 @@ def batches_trained(trainer) -> int:
 
 
 def _windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of block_size + 1 tokens -> inputs x and targets y, both (B, block_size): y is x
-    shifted by one, so position t of a window learns to predict token t + 1."""
-    w = torch.from_numpy(windows.astype(np.int64))  # (B, block_size + 1)
+    """Windows of T + 1 tokens -> inputs x and targets y, both (B, T): y is x shifted by one, so
+    position t of a window learns to predict token t + 1."""
+    w = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
     return w[:, :-1], w[:, 1:]
 
 
@@ -118,7 +118,9 @@ def check_short_context(block_size: int, short_block_size: int | None, short_ste
     if (short_block_size is None) != (short_steps == 0):
         raise ValueError("a short-context warmup needs both --data.short_block_size (its window) "
                          "and --data.short_steps (how many steps); set both, or neither")
-    if short_block_size is not None and not (1 <= short_block_size < block_size
+    if short_block_size is not None and short_block_size < 1:
+        raise ValueError(f"--data.short_block_size must be at least 1, got {short_block_size}")
+    if short_block_size is not None and not (short_block_size < block_size
                                              and block_size % short_block_size == 0):
         divisors = [d for d in range(1, block_size) if block_size % d == 0][-4:]
         examples = f": e.g. {', '.join(map(str, divisors))}" if divisors else ""
@@ -134,7 +136,7 @@ class LMDataModule(L.LightningDataModule):
         source: a ``.txt``/``.txt.gz``/``.jsonl``/``.parquet`` file, glob or folder, or a hub id.
         tokenizer: ``"char"`` or ``"gpt2"``.
         block_size: tokens per training example (the model's context length).
-        batch_size: examples per batch (per process).
+        batch_size: examples per batch (per process; more in a short-context warmup).
         short_block_size: a short-context warmup: the first ``short_steps`` optimizer steps train
             on windows of this many tokens (a divisor of ``block_size``), ``block_size /
             short_block_size`` times as many a batch, so a step sees as many tokens. Early steps

@@ -179,7 +179,8 @@ def test_short_context_warmup_trains_its_steps_on_shorter_windows_of_the_same_to
     text = dm.tokenizer.decode(dm.corpus.tokens("train").tolist())
 
     def stream(accumulate, start=0, count=6):
-        windows = iter(RandomWindows(dm.corpus, "train", 16, 4, 1337, 0, accumulate, start, 4, 2))
+        windows = iter(RandomWindows(dm.corpus, "train", 16, 4, 1337, accumulate=accumulate,
+                                     start=start, short_block_size=4, short_steps=2))
         return [next(windows) for _ in range(count)]
 
     batches = stream(accumulate=2)  # steps 0 and 1 are batches 0-3
@@ -203,6 +204,7 @@ def test_short_context_warmup_trains_its_steps_on_shorter_windows_of_the_same_to
      r"short_block_size 5 must be shorter than block_size \(16\) and divide it, .*e.g. 1, 2, 4, 8"),
     ({"short_block_size": 16, "short_steps": 10}, "short_block_size 16 must be shorter"),
     ({"short_block_size": 4, "short_steps": -1}, "short_steps must be 0 or more, got -1"),
+    ({"short_block_size": 0, "short_steps": 10}, "short_block_size must be at least 1, got 0"),
 ])
 def test_short_context_warmup_options_are_checked(text_file, cache_dir, options, message):
     with pytest.raises(ValueError, match=message):

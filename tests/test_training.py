@@ -20,6 +20,7 @@ from model import GPTConfig
 from model.optim import param_groups
 from train import GPTLightningModule, main, warmup_cosine
 from training.command import subcommands
+from training.errors import UsageError
 
 
 def test_warmup_then_cosine_schedule():
@@ -181,20 +182,30 @@ def test_compiled_model_trains_and_saves_plain_checkpoints(text_file, cache_dir,
                                rtol=1e-4)
 
 
-def test_a_short_context_warmup_trains_through_lightning(text_file, tmp_path):
-    """Windows of 4 tokens for 10 of 20 steps, then the full 16: the model, its FLOP count and
-    the validation take the change of shape in their stride."""
-    fit(text_file, tmp_path, "--data.short_block_size", "4", "--data.short_steps", "10")
+def test_a_short_context_warmup_trains_through_lightning(text_file, tmp_path, monkeypatch):
+    """Windows of 4 tokens for 10 of 20 steps, then the full 16: the batches the model trains on
+    change shape at step 10, and its FLOP count and the validation follow."""
+    seen = []  # (step, batch shape, FLOPs a batch) of every training batch
+    count_flops = GPTLightningModule.on_train_batch_start
+
+    def record(module, batch, batch_idx):
+        count_flops(module, batch, batch_idx)
+        seen.append((module.global_step, tuple(batch[0].shape), module.flops_per_batch))
+
+    monkeypatch.setattr(GPTLightningModule, "on_train_batch_start", record)
+    fit(text_file, tmp_path, "--data.batch_size", "4", "--data.short_block_size", "4",
+        "--data.short_steps", "10")
+    assert [(step, shape) for step, shape, _ in seen] == \
+        [(s, (16, 4)) for s in range(10)] + [(s, (4, 16)) for s in range(10, 20)]
+    assert seen[9][2] < seen[10][2]  # the same tokens, but attention over longer windows
     run, = run_folders(tmp_path)
     with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
+        val = {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]}
     assert sorted(val) == [9, 19] and val[19] < val[9]
-    tokens_per_s = [float(r["train/device/items_per_sec"]) for r in rows
-                    if r.get("train/device/items_per_sec")]
-    assert tokens_per_s and all(t > 0 for t in tokens_per_s)
-    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    assert (saved["short_block_size"], saved["short_steps"], saved["block_size"]) == (4, 10, 16)
+    # a warmup as long as the run would never train the windows validation reads
+    with pytest.raises(UsageError, match="--data.short_steps 20 covers the whole run \\(20 steps"):
+        fit(text_file, tmp_path / "whole", "--data.short_block_size", "4",
+            "--data.short_steps", "20")
 
 
 def test_checkpoint_alone_rebuilds_model_and_tokenizer(text_file, cache_dir, tmp_path):

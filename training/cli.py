@@ -281,6 +281,13 @@ class CLI(LightningCLI):
             data = self.datamodule.hparams
             apply_tokens_per_step(trainer, config.tokens_per_step, data.batch_size,
                                   data[self.model_kind.seq_len_option], config.get("max_tokens"))
+        short_steps = self.datamodule.hparams.get("short_steps", 0)
+        steps = planned_steps(trainer.max_steps, config.get("max_tokens"),
+                              config.get("tokens_per_step"))
+        if short_steps and steps not in (None, -1) and short_steps >= steps:
+            raise UsageError(f"--data.short_steps {short_steps} covers the whole run ({steps} "
+                             f"steps): it would never train on windows of block_size, which "
+                             f"validation reads; give fewer short steps")
         return trainer
 
     def _run_subcommand(self, subcommand):
