@@ -139,11 +139,11 @@ class LMDataModule(L.LightningDataModule):
         batch_size: examples per batch (per process; more in a short-context warmup).
         short_block_size: a short-context warmup: the first ``short_steps`` optimizer steps train
             on windows of this many tokens (a divisor of ``block_size``), ``block_size /
-            short_block_size`` times as many a batch, so a step sees as many tokens. Early steps
-            learn what nearby characters or words predict, which short windows teach as well as
-            long ones, and attention's cost per token grows with the window. Validation always
-            reads windows of ``block_size``. None: ``block_size`` from the first step.
-        short_steps: optimizer steps of the short-context warmup.
+            short_block_size`` times as many a batch, so a batch holds as many tokens. Early
+            steps learn what nearby characters or words predict, which short windows teach too,
+            and attention's cost per token grows with the window. Validation always reads
+            windows of ``block_size``. None: ``block_size`` from the first step.
+        short_steps: optimizer steps of the short-context warmup (fewer than the run's).
         text_column: column holding the text in JSONL/parquet/hub data.
         val_fraction: share of the tokens held out for validation when the source has no val split.
         cache_dir: where token arrays are cached (default ``$MINIGPT_CACHE`` or
